@@ -1,0 +1,392 @@
+"""Experiment configuration: one YAML file per experiment, overridable with ``key=value`` pairs.
+
+Every stage reads its own section (``pretrain``, ``finetune``, ``semi`` ...) plus the shared
+``data`` and ``model`` sections. The resolved config is saved next to each stage's results, so a
+result can always be traced back to the exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, has the wrong type, or a config file cannot be read."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"  # mnist5k | digits | imagefolder | cifar10 | cifar100
+    root: str = ""  # folder for imagefolder / cifar data sets
+    image_size: int = 28
+    channels: int = 0  # 0: the data set's own (1 for digits, 3 otherwise); 1 or 3 to force
+    labels_per_class: int = 10  # labeled images per class (used when label_percent is 0)
+    label_percent: float = 0.0  # percent of each class that is labeled (>0 overrides labels_per_class)
+    label_csv: str = ""  # load the labeled split from this CSV instead of drawing it
+    unlabeled_includes_labeled: bool = False
+    max_train: int = 0  # >0: use only the first N training images (quick experiments, tests)
+    max_test: int = 0
+    # augmentation
+    hflip: bool = False  # never for digits
+    crop_padding: int = 2  # random translation by padding + random crop (pixels at image_size)
+    randaug_num_ops: int = 2
+    randaug_magnitude: int = 10
+    random_erasing: float = 0.25
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_mini_patch4"  # a small ViT of this project or any timm ViT name
+    drop_path: float = 0.1
+    global_pool: str = "avg"  # Semi-ViT pools the patch tokens
+    init: str = "auto"  # auto (stage-0 encoder of this run if present) | none | PATH to weights
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5
+    mask_ratio: float = 0.75
+    decoder_dim: int = 96
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+    amp: str = "no"  # no | fp16 | bf16
+    grad_accum: int = 1
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    warmup_epochs: float = 5
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float = 0.999
+    clip_grad: float = 0.0
+    amp: str = "no"
+    grad_accum: int = 1
+    eval_every: int = 10  # epochs between evaluations on the held-out split (0: only at the end)
+
+
+@dataclass
+class SemiConfig:
+    epochs: int = 20
+    batch_size: int = 32  # labeled images per step; the unlabeled batch is mu * batch_size
+    mu: int = 5
+    tau: float = 0.7
+    lambda_u: float = 5.0
+    teacher: str = "ema"  # ema (EMA-Teacher) | student (FixMatch)
+    ema_decay: float = 0.999  # 0.9999 at ImageNet scale; a small data set needs a faster teacher
+    pseudo_mixup: bool = True
+    pseudo_mixup_cutmix_prob: float = 0.5
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    warmup_epochs: float = 2
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    clip_grad: float = 0.0
+    amp: str = "no"
+    grad_accum: int = 1
+    collapse_min_classes: float = 0.5  # warn when pseudo-labels cover fewer than this share of classes
+    stop_on_collapse: bool = False
+    stop_on_nonfinite: bool = True
+    eval_every: int = 5
+    steps_per_epoch: int = 0  # 0: one pass over the unlabeled set
+
+
+@dataclass
+class PseudoLabelConfig:
+    batch_size: int = 256
+    use_ema: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    model: str = "dit"  # dit (DiTTransformer2DModel) | unet (UNet2DModel)
+    image_size: int = 32  # the generator's resolution (pixel space) or the VAE's input size
+    patch_size: int = 4
+    hidden_size: int = 192
+    depth: int = 6
+    num_heads: int = 6
+    unet_channels: list = field(default_factory=lambda: [64, 128, 128])
+    vae: str = ""  # local AutoencoderKL folder: train in its latent space
+    labels: str = "auto"  # auto (this run's pseudo_labels.csv) | true | PATH to a labels CSV
+    min_confidence: float = 0.0
+    max_per_class: int = 0
+    p_uncond: float = 0.1
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    clip_grad: float = 1.0
+    hflip: bool = False
+    amp: str = "no"
+    grad_accum: int = 1
+    sample_every: int = 0  # steps between sample grids (0: at the end of each 10th epoch)
+    checkpoint_every: int = 500  # steps
+
+
+@dataclass
+class GenerateConfig:
+    model: str = ""  # diffusers folder; default: this run's stage2/model
+    out: str = ""  # default: this run's synthetic/
+    num_per_class: int = 100
+    classes: str = ""  # comma-separated class names or ids; empty: all
+    guidance_scale: float = 2.0
+    sampler: str = "dpmsolver++"  # ddpm | ddim | dpmsolver++
+    steps: int = 25
+    batch_size: int = 250
+    seed: int = 0
+
+
+@dataclass
+class FIDConfig:
+    real: str = ""  # folder of images, or "test" / "train" for the configured data set
+    fake: str = ""  # folder of generated images (default: this run's synthetic/)
+    features: str = "classifier"  # inception | classifier
+    inception_weights: str = ""  # local file of the FID Inception-v3 weights
+    classifier: str = ""  # classifier folder for in-domain features and synthetic class accuracy
+    per_class: bool = False
+    batch_size: int = 250
+    out: str = ""  # JSON path; default next to the fake images
+
+
+@dataclass
+class RetrainConfig:
+    synthetic: str = ""  # synthetic data set folder (default: this run's synthetic/)
+    synthetic_per_class: int = 0  # 0: all
+    synthetic_ratio: float = 0.5  # share of synthetic images in each labeled batch
+    init: str = "stage1"  # stage0 | stage1 | PATH
+    synthetic_only: bool = False  # supervised training on the synthetic set alone (CAS)
+
+
+@dataclass
+class PipelineConfig:
+    judge: bool = True  # train a classifier on all true labels to judge synthetic class accuracy
+    judge_epochs: int = 30
+
+
+@dataclass
+class Config:
+    name: str = "mnist5k"
+    output_dir: str = "runs/mnist5k"
+    seed: int = 0
+    checkpoint: str = ""  # input of a stage that starts from a trained classifier (folder or file)
+    resume: bool = True  # continue from the stage's last saved state when one exists
+    tensorboard: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# --------------------------------------------------------------------------------------------
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, options) -> str:
+    near = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{near[0]}'?" if near else ""
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        return value
+    raise ConfigError(f"setting '{where}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    types_ = _field_types(type(obj))
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in types_:
+            raise ConfigError(f"unknown setting '{where}'.{_suggest(key, types_)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"setting '{where}' is a section; set its keys, e.g. {where}.<key>=...")
+            _apply(current, value, prefix=f"{where}.")
+        else:
+            setattr(obj, key, _coerce(value, types_[key], where))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["a.b=1", "seed=2"]`` -> ``{"a": {"b": 1}, "seed": 2}``; values are parsed as YAML."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override '{pair}' is not of the form key=value (e.g. seed=1)")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then the ``key=value`` overrides."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found (the shipped ones are in configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of settings")
+        data.pop("base", None)
+        _apply(cfg, data)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    amp_settings = {
+        "pretrain.amp": cfg.pretrain.amp,
+        "finetune.amp": cfg.finetune.amp,
+        "semi.amp": cfg.semi.amp,
+        "diffusion.amp": cfg.diffusion.amp,
+    }
+    for where, amp in amp_settings.items():
+        if amp not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"setting '{where}' must be one of no, fp16, bf16 (got '{amp}')")
+    if cfg.semi.teacher not in ("ema", "student"):
+        raise ConfigError(f"setting 'semi.teacher' must be 'ema' or 'student' (got '{cfg.semi.teacher}')")
+    if not 0.0 <= cfg.semi.tau <= 1.0:
+        raise ConfigError(f"setting 'semi.tau' must lie in [0, 1] (got {cfg.semi.tau})")
+    if cfg.data.labels_per_class < 1 and cfg.data.label_percent <= 0 and not cfg.data.label_csv:
+        raise ConfigError("set data.labels_per_class >= 1, data.label_percent > 0 or data.label_csv")
+    if cfg.generate.sampler not in ("ddpm", "ddim", "dpmsolver++"):
+        raise ConfigError(
+            f"setting 'generate.sampler' must be ddpm, ddim or dpmsolver++ (got '{cfg.generate.sampler}')"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from semivit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def read_saved_config(path: str | Path) -> Config:
+    """Read a ``config.yaml`` saved by a stage (tolerates settings added since it was written)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    cfg = Config()
+    _apply_known(cfg, data)
+    return cfg
+
+
+def _apply_known(obj: Any, updates: dict) -> None:
+    types_ = _field_types(type(obj))
+    for key, value in updates.items():
+        if key not in types_:
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _apply_known(current, value)
+        else:
+            setattr(obj, key, _coerce(value, types_[key], key))

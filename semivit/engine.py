@@ -1,0 +1,176 @@
+"""What every training stage shares: the Accelerator, the lr schedule, resumable state,
+atomic checkpoints, the stage folder and the curves plot."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from semivit.config import Config, save_config
+from semivit.io import atomic_path, atomic_write_json
+
+logger = logging.getLogger("semivit")
+
+CHECKPOINTS = "checkpoints"
+
+
+def setup_logging(accelerator: Accelerator | None = None) -> None:
+    level = logging.INFO if accelerator is None or accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    for name in ("semivit", "dpt"):
+        logging.getLogger(name).setLevel(level)
+
+
+def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: int = 1) -> Accelerator:
+    """One Accelerator per stage. Without CUDA it runs on the CPU, and a multi-process launch still
+    forms real (gloo) ranks, so the distributed path is the same one that runs on GPUs."""
+    log_with = None
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            pass
+    accelerator = Accelerator(
+        mixed_precision=amp,
+        gradient_accumulation_steps=grad_accum,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(stage_dir), logging_dir=str(stage_dir / "logs")),
+        cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"),
+    )
+    setup_logging(accelerator)
+    # every rank seeds the same: the label split and model init agree; data order differs by sampler
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def prepare_stage_dir(cfg: Config, stage_dir: Path, accelerator: Accelerator, tracker_name: str) -> None:
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, stage_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    if cfg.tensorboard and accelerator.log_with:
+        accelerator.init_trackers(tracker_name)
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    """Linear warm-up then cosine decay to ``min_lr_ratio`` of each group's lr, per iteration."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TrainState:
+    """Epoch/step counters and the metric history; saved with ``save_state`` so a resumed run
+    continues where it stopped and its curves stay whole."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    folder = stage_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("epoch_") and p.name[6:].isdigit()]
+    return max(done, key=lambda p: int(p.name[6:]), default=None)
+
+
+def maybe_resume(cfg: Config, accelerator: Accelerator, stage_dir: Path) -> bool:
+    ckpt = latest_checkpoint(stage_dir) if cfg.resume else None
+    if ckpt is None:
+        return False
+    accelerator.load_state(str(ckpt))
+    logger.info("resumed from %s", ckpt)
+    return True
+
+
+def save_checkpoint(accelerator: Accelerator, stage_dir: Path, epoch: int, keep: int = 1) -> None:
+    """``save_state`` into a temporary folder, renamed into place once complete; older ones pruned."""
+    folder = stage_dir / CHECKPOINTS
+    final = folder / f"epoch_{epoch}"
+    tmp = folder / f".tmp_epoch_{epoch}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        olds = sorted(
+            (p for p in folder.iterdir() if p.name.startswith("epoch_") and p.name[6:].isdigit()),
+            key=lambda p: int(p.name[6:]),
+        )
+        for old in olds[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def remove_checkpoints(accelerator: Accelerator, stage_dir: Path) -> None:
+    """Once a stage has written its final outputs its resumable state is no longer needed."""
+    if accelerator.is_main_process:
+        shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """One panel per logged quantity over epochs, written atomically as a PNG."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in history[-1] if k != "epoch" and isinstance(history[-1][k], (int, float))]
+    keys = [k for k in keys if not k.startswith("hist")][:12]
+    if not keys:
+        return
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(h["epoch"], h[key]) for h in history if key in h and isinstance(h[key], (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def write_metrics(stage_dir: Path, metrics: dict) -> None:
+    atomic_write_json(stage_dir / "metrics.json", metrics)
