@@ -207,6 +207,7 @@ class Config:
     checkpoint: str = ""  # input of a stage that starts from a trained classifier (folder or file)
     resume: bool = True  # continue from the stage's last saved state when one exists
     tensorboard: bool = True
+    stop_after_epoch: int = 0  # >0: end a training stage after this epoch as if interrupted (resumable)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -330,6 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, data)
     if overrides:
         _apply(cfg, parse_overrides(overrides))
+    _apply(cfg, to_dict(cfg))  # coerce defaults too (5 -> 5.0 for a float), so saved configs compare equal
     validate(cfg)
     return cfg
 

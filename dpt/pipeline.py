@@ -1,0 +1,242 @@
+"""The whole DPT pipeline in one command: stage 0 -> 1 -> 2 -> 3 -> report, in ``runs/<name>/``.
+
+Stages talk only through files. A stage is skipped when its output exists, the settings it depends
+on are those it was run with, and it is newer than the stages it reads from. ``--from STAGE``
+reruns from a stage on. An interrupted stage resumes from its last saved state (classifier and
+diffusion training) or from the files it already wrote (generation).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from accelerate import PartialState
+
+from semivit.config import Config, ConfigError, read_saved_config, to_dict
+from semivit.io import atomic_write_json, read_json
+
+logger = logging.getLogger("dpt")
+
+# settings that never change a stage's result
+_NEUTRAL = {"name", "output_dir", "resume", "tensorboard", "checkpoint"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # config sections the result depends on (plus seed)
+    marker: str  # file, relative to the run folder, that exists once the stage is done
+    folder: str  # what a rerun of the stage clears, relative to the run folder
+    upstream: tuple[str, ...]
+    run: Callable[[Config], object]
+    configure: Callable[[Config], Config] = lambda cfg: cfg  # the settings the stage runs with
+
+
+def _judge_config(cfg: Config) -> Config:
+    """The ceiling classifier: every training label, same recipe as fine-tuning. It also judges the
+    synthetic images (class accuracy) and gives the in-domain FID features."""
+    judge = copy.deepcopy(cfg)
+    judge.data.label_percent = 100.0
+    judge.data.label_csv = ""
+    judge.finetune.epochs = cfg.pipeline.judge_epochs
+    return judge
+
+
+def _run_pretrain(cfg):
+    from semivit.pretrain import run_pretrain
+
+    return run_pretrain(cfg)
+
+
+def _run_finetune(cfg):
+    from semivit.finetune import run_finetune
+
+    return run_finetune(cfg)
+
+
+def _run_semi(cfg):
+    from semivit.semi import run_semi
+
+    return run_semi(cfg)
+
+
+def _run_pseudo_label(cfg):
+    from semivit.pseudo_label import run_pseudo_label
+
+    return run_pseudo_label(cfg)
+
+
+def _run_judge(cfg):
+    from semivit.finetune import run_finetune
+
+    return run_finetune(_judge_config(cfg), out_dir=cfg.run_dir / "judge")
+
+
+def _run_train_diffusion(cfg):
+    from dpt.train_diffusion import run_train_diffusion
+
+    return run_train_diffusion(cfg)
+
+
+def _run_generate(cfg):
+    from dpt.generate import run_generate
+
+    return run_generate(cfg)
+
+
+def _run_retrain(cfg):
+    from dpt.retrain import run_retrain
+
+    return run_retrain(cfg)
+
+
+def _run_report(cfg):
+    from dpt.report import run_report
+
+    return run_report(cfg)
+
+
+STAGES: list[Stage] = [
+    Stage("pretrain", ("data", "model", "pretrain"), "stage0/encoder.safetensors", "stage0", (), _run_pretrain),
+    Stage("finetune", ("data", "model", "finetune"), "stage1/finetune/metrics.json", "stage1/finetune",
+          ("pretrain",), _run_finetune),
+    Stage("semi", ("data", "model", "semi"), "stage1/semi/metrics.json", "stage1/semi", ("finetune",), _run_semi),
+    Stage("pseudo-label", ("data", "pseudo_label"), "stage1/pseudo_labels.csv", "", ("semi",), _run_pseudo_label),
+    Stage("judge", ("data", "model", "finetune"), "judge/metrics.json", "judge", ("pretrain",),
+          _run_judge, _judge_config),
+    Stage("train-diffusion", ("data", "diffusion"), "stage2/metrics.json", "stage2", ("pseudo-label",),
+          _run_train_diffusion),
+    Stage("generate", ("data", "generate"), "synthetic/metrics.json", "synthetic", ("train-diffusion",),
+          _run_generate),
+    Stage("retrain", ("data", "model", "semi", "retrain"), "stage3/metrics.json", "stage3",
+          ("generate", "semi"), _run_retrain),
+    Stage("report", ("fid",), "summary.json", "", ("retrain", "judge", "generate"), _run_report),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def fingerprint(cfg: Config, stage: Stage, configured: bool = False) -> str:
+    d = to_dict(cfg if configured else stage.configure(cfg))
+    relevant = {"seed": d["seed"], **{s: d[s] for s in stage.sections}}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _state_file(cfg: Config) -> Path:
+    return cfg.run_dir / "pipeline.json"
+
+
+def _load_state(cfg: Config) -> dict:
+    path = _state_file(cfg)
+    return read_json(path) if path.is_file() else {}
+
+
+def plan(cfg: Config, start: str | None = None) -> list[tuple[Stage, str]]:
+    """``(stage, reason)`` for each stage that must run, in order."""
+    if start is not None and start not in STAGE_NAMES:
+        raise ConfigError(f"--from '{start}' is not a stage; stages: {', '.join(STAGE_NAMES)}")
+    state = _load_state(cfg)
+    todo: list[tuple[Stage, str]] = []
+    rerun: set[str] = set()
+    forced = False
+    for stage in STAGES:
+        forced = forced or stage.name == start
+        marker = cfg.run_dir / stage.marker
+        record = state.get(stage.name, {})
+        reason = None
+        if forced:
+            reason = f"--from {start}"
+        elif not marker.exists():
+            reason = "not done" if not record else "interrupted"
+        elif _recorded_fingerprint(cfg, stage, record) not in (None, fingerprint(cfg, stage)):
+            reason = "settings changed"
+        elif any(u in rerun for u in stage.upstream):
+            reason = "an input is rerun"
+        else:
+            newer = [
+                u for u in stage.upstream
+                if (cfg.run_dir / _by_name(u).marker).exists()
+                and (cfg.run_dir / _by_name(u).marker).stat().st_mtime > marker.stat().st_mtime
+            ]
+            if newer:
+                reason = f"{newer[0]} is newer"
+        if reason:
+            todo.append((stage, reason))
+            rerun.add(stage.name)
+    return todo
+
+
+def _recorded_fingerprint(cfg: Config, stage: Stage, record: dict) -> str | None:
+    """The settings a finished stage ran with: from pipeline.json, else (a stage run on its own,
+    e.g. by the stage scripts) from the config.yaml it saved; None when neither says."""
+    if "fingerprint" in record:
+        return record["fingerprint"]
+    saved = cfg.run_dir / stage.folder / "config.yaml" if stage.folder else None
+    if saved is not None and saved.is_file():
+        return fingerprint(read_saved_config(saved), stage, configured=True)
+    return None
+
+
+def _by_name(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
+
+
+def _clear(cfg: Config, stage: Stage, record: dict, fp: str) -> None:
+    """A stage that starts with other settings than its interrupted run starts from nothing:
+    its saved state and partial outputs belong to those other settings."""
+    if record.get("fingerprint") == fp and record.get("status") == "running":
+        return  # same settings, interrupted: keep what is there, the stage resumes from it
+    marker = cfg.run_dir / stage.marker
+    if marker.exists():
+        marker.unlink()
+    if stage.folder and (cfg.run_dir / stage.folder).exists():
+        shutil.rmtree(cfg.run_dir / stage.folder / "checkpoints", ignore_errors=True)
+        if stage.name == "generate":  # existing images would be kept by generation's resume
+            shutil.rmtree(cfg.run_dir / stage.folder, ignore_errors=True)
+
+
+def run_pipeline(cfg: Config, start: str | None = None) -> dict:
+    state_ = PartialState()
+    todo = plan(cfg, start)
+    skipped = [s.name for s in STAGES if s.name not in {t.name for t, _ in todo}]
+    if state_.is_main_process:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        if skipped:
+            logger.info("done already (same settings): %s", ", ".join(skipped))
+    for k, (stage, reason) in enumerate(todo, 1):
+        fp = fingerprint(cfg, stage)
+        state = _load_state(cfg)
+        if state_.is_main_process:
+            logger.info("=== [%d/%d] %s (%s) ===", k, len(todo), stage.name, reason)
+            _clear(cfg, stage, state.get(stage.name, {}), fp)
+            state[stage.name] = {"fingerprint": fp, "status": "running"}
+            atomic_write_json(_state_file(cfg), state)
+        state_.wait_for_everyone()
+        t0 = time.time()
+        stage.run(cfg)
+        state_.wait_for_everyone()
+        if state_.is_main_process:
+            state = _load_state(cfg)
+            state[stage.name] = {"fingerprint": fp, "status": "done", "seconds": round(time.time() - t0, 1)}
+            atomic_write_json(_state_file(cfg), state)
+        state_.wait_for_everyone()
+    summary_file = cfg.run_dir / "summary.json"
+    summary = read_json(summary_file) if summary_file.is_file() else {}
+    if state_.is_main_process:
+        from dpt.report import format_table
+
+        print(format_table(summary))
+        print(f"report: {cfg.run_dir / 'report.md'}")
+    return summary
+
+
+def stage_seconds(cfg: Config) -> dict:
+    return {k: v.get("seconds") for k, v in _load_state(cfg).items() if isinstance(v, dict)}
+

@@ -1,0 +1,183 @@
+"""Evaluation of a pipeline run: ``summary.json`` (keys in DESIGN.md) and ``report.md``.
+
+Every top-1 is that of the final EMA (teacher) model of its stage on the held-out split; no number
+is chosen by looking at the test split during training.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from semivit.config import Config
+from semivit.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+
+logger = logging.getLogger("dpt")
+
+ROWS = [
+    ("supervised_top1", "Supervised (MAE + fine-tuning on the labeled subset)", "stage1/finetune"),
+    ("semivit_top1", "Semi-ViT (EMA-Teacher, stage 1)", "stage1/semi"),
+    ("dpt_top1", "DPT (Semi-ViT on real + synthetic, stage 3)", "stage3"),
+    ("ceiling_top1", "Ceiling (MAE + fine-tuning on all training labels)", "judge"),
+]
+
+
+def _top1(metrics: dict) -> float | None:
+    for key in ("top1_ema", "top1"):
+        if metrics.get(key) is not None:
+            return float(metrics[key])
+    return None
+
+
+def _metrics(run: Path, rel: str) -> dict:
+    path = run / rel / "metrics.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def _fmt(x, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f}" if pct else f"{x:.2f}"
+
+
+def format_table(summary: dict) -> str:
+    if not summary:
+        return "(no summary yet)"
+    lines = [f"{'classifier':<58} {'top-1 %':>8}", "-" * 67]
+    for key, label, _ in ROWS:
+        lines.append(f"{label:<58} {_fmt(summary.get(key)):>8}")
+    lines.append("-" * 67)
+    lines.append(f"{'pseudo-label accuracy (unlabeled images)':<58} {_fmt(summary.get('pseudo_label_acc')):>8}")
+    lines.append(f"{'synthetic class accuracy (judged by the ceiling model)':<58} "
+                 f"{_fmt(summary.get('synthetic_class_acc')):>8}")
+    fid = summary.get("fid")
+    lines.append(f"{'FID (' + str(summary.get('fid_features')) + ')':<58} {_fmt(fid, pct=False):>8}")
+    return "\n".join(lines)
+
+
+def _results_plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [label.split(" (")[0] for key, label, _ in ROWS if summary.get(key) is not None]
+    values = [100 * summary[key] for key, _, _ in ROWS if summary.get(key) is not None]
+    if not values:
+        return
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    bars = ax.bar(names, values, color=["#999", "#4c72b0", "#dd8452", "#55a868"][: len(values)])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylabel("top-1 %")
+    ax.set_ylim(max(0, min(values) - 10), 100)
+    ax.set_title(f"held-out top-1 ({summary.get('num_test', '?')} images)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def run_report(cfg: Config) -> dict:
+    from accelerate import PartialState
+
+    from dpt.fid import run_fid, synthetic_class_accuracy
+    from dpt.pipeline import stage_seconds
+
+    run = cfg.run_dir
+    synthetic = Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else run / "synthetic"
+    judge = run / "judge"
+    summary: dict = {}
+    for key, _, rel in ROWS:
+        summary[key] = _top1(_metrics(run, rel))
+    semi = _metrics(run, "stage1/semi")
+    summary["num_labeled"] = semi.get("num_labeled")
+    summary["num_test"] = semi.get("num_test")
+    pl_file = run / "stage1" / "pseudo_labels.json"
+    pl = read_json(pl_file) if pl_file.is_file() else {}
+    summary["pseudo_label_acc"] = pl.get("accuracy", pl.get("pseudo_label_acc"))
+
+    fid_cfg = copy.deepcopy(cfg)
+    fid_cfg.fid.real = cfg.fid.real or "test"
+    fid_cfg.fid.fake = cfg.fid.fake or str(synthetic)
+    fid_cfg.fid.classifier = cfg.fid.classifier or str(judge)
+    fid_cfg.fid.out = cfg.fid.out or str(run / "fid.json")
+    fid = run_fid(fid_cfg)
+    acc = synthetic_class_accuracy(fid_cfg.fid.classifier, synthetic)
+    summary.update(
+        synthetic_class_acc=acc.get("accuracy"),
+        synthetic_class_acc_per_class=acc.get("per_class"),
+        fid=fid.get("fid"),
+        fid_features=fid.get("fid_features"),
+        fid_num_real=fid.get("num_real"),
+        fid_num_fake=fid.get("num_fake"),
+        stage_seconds=stage_seconds(cfg),
+    )
+    if PartialState().is_main_process:
+        atomic_write_json(run / "summary.json", summary)
+        _results_plot(summary, run / "results.png")
+        atomic_write_text(run / "report.md", render_report(cfg, summary))
+        logger.info("wrote %s and %s", run / "summary.json", run / "report.md")
+    PartialState().wait_for_everyone()
+    return summary
+
+
+def _per_class_table(run: Path) -> str:
+    cols = [(label.split(" (")[0], _metrics(run, rel)) for _, label, rel in ROWS]
+    cols = [(n, m.get("per_class_acc_ema") or m.get("per_class_acc") or m.get("per_class")) for n, m in cols]
+    cols = [(n, pc) for n, pc in cols if isinstance(pc, (dict, list)) and pc]
+    if not cols:
+        return "(per-class accuracy not recorded)\n"
+    first = cols[0][1]
+    classes = list(first.keys()) if isinstance(first, dict) else [str(i) for i in range(len(first))]
+
+    def get(pc, i, c):
+        v = pc.get(c) if isinstance(pc, dict) else (pc[i] if i < len(pc) else None)
+        return _fmt(v)
+
+    head = "| class | " + " | ".join(n for n, _ in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+    body = "".join(f"| {c} | " + " | ".join(get(pc, i, c) for _, pc in cols) + " |\n" for i, c in enumerate(classes))
+    return head + body
+
+
+def render_report(cfg: Config, summary: dict) -> str:
+    run = cfg.run_dir
+    rows = "".join(f"| {label} | {_fmt(summary.get(key))} |\n" for key, label, _ in ROWS)
+    secs = summary.get("stage_seconds") or {}
+    timing = "".join(f"| {k} | {v if v is not None else '-'} |\n" for k, v in secs.items())
+    images = []
+    for rel, caption in [
+        ("results.png", "Top-1 of each classifier"),
+        ("synthetic/grid.png", "Synthetic images, one row per class"),
+        ("stage0/reconstruction.png", "MAE reconstructions (stage 0)"),
+        ("stage1/semi/curves.png", "Semi-ViT training curves (stage 1)"),
+        ("stage2/curves.png", "Diffusion training loss (stage 2)"),
+        ("stage3/curves.png", "DPT training curves (stage 3)"),
+    ]:
+        if (run / rel).is_file():
+            images.append(f"### {caption}\n\n![{caption}]({rel})\n")
+    return f"""# DPT run `{cfg.name}`
+
+Data: `{cfg.data.name}`, {summary.get('num_labeled')} labeled training images
+({cfg.data.labels_per_class} per class unless data.label_percent / data.label_csv say otherwise),
+held-out split of {summary.get('num_test')} images. Model: `{cfg.model.name}`. Seed {cfg.seed}.
+Each top-1 is the final EMA model of its stage on the held-out split.
+
+| classifier | top-1 % |
+|---|---|
+{rows}
+| synthetic data | value |
+|---|---|
+| pseudo-label accuracy on the unlabeled images | {_fmt(summary.get('pseudo_label_acc'))} % |
+| synthetic class accuracy (ceiling model as judge) | {_fmt(summary.get('synthetic_class_acc'))} % |
+| FID, features `{summary.get('fid_features')}`, {summary.get('fid_num_real')} real (held-out) vs {summary.get('fid_num_fake')} synthetic | {_fmt(summary.get('fid'), pct=False)} |
+
+## Per-class top-1 %
+
+{_per_class_table(run)}
+## Wall time per stage (seconds)
+
+| stage | seconds |
+|---|---|
+{timing}
+{chr(10).join(images)}"""

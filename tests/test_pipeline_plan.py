@@ -1,0 +1,123 @@
+"""The pipeline runner's bookkeeping: which stages run, which are skipped, what a rerun clears.
+
+Stage bodies are replaced by stand-ins that write the stage's marker file, so these tests check
+the runner alone in well under a second each."""
+
+import dataclasses
+import os
+import time
+
+import pytest
+
+import dpt.pipeline as pipeline
+from semivit.config import ConfigError, load_config, save_config
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    ran = []
+
+    def fake(stage):
+        def run(cfg):
+            ran.append(stage.name)
+            run_cfg = stage.configure(cfg)
+            if stage.folder:
+                save_config(run_cfg, cfg.run_dir / stage.folder / "config.yaml")
+            marker = cfg.run_dir / stage.marker
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("{}")
+            time.sleep(0.01)  # distinct modification times
+
+        return run
+
+    stages = [dataclasses.replace(s, run=fake(s)) for s in pipeline.STAGES]
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    monkeypatch.setattr("dpt.report.format_table", lambda summary: "")
+    return ran
+
+
+def cfg_for(tmp_path, *overrides):
+    return load_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def names(todo):
+    return [s.name for s, _ in todo]
+
+
+def test_fresh_run_runs_every_stage_then_nothing(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    assert names(pipeline.plan(cfg)) == pipeline.STAGE_NAMES
+    pipeline.run_pipeline(cfg)
+    assert calls == pipeline.STAGE_NAMES
+    assert pipeline.plan(cfg) == []
+    state = (cfg.run_dir / "pipeline.json").read_text()
+    assert '"status": "done"' in state
+
+
+def test_changed_setting_reruns_that_stage_and_what_reads_it(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    changed = cfg_for(tmp_path, "semi.tau=0.5")
+    todo = pipeline.plan(changed)
+    assert names(todo) == ["semi", "pseudo-label", "train-diffusion", "generate", "retrain", "report"]
+    assert dict((s.name, r) for s, r in todo)["semi"] == "settings changed"
+
+
+def test_judge_settings_are_its_own(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    todo = names(pipeline.plan(cfg_for(tmp_path, "pipeline.judge_epochs=3")))
+    assert todo == ["judge", "report"]
+
+
+def test_from_stage_forces_that_stage_and_later(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    assert names(pipeline.plan(cfg, start="generate")) == ["generate", "retrain", "report"]
+    with pytest.raises(ConfigError, match="not a stage"):
+        pipeline.plan(cfg, start="genrate")
+
+
+def test_stage_run_outside_the_pipeline_counts_as_done(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    (cfg.run_dir / "pipeline.json").unlink()  # as if every stage had been run by the stage scripts
+    assert pipeline.plan(cfg) == []
+
+
+def test_newer_input_reruns_downstream(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    marker = cfg.run_dir / "stage2" / "metrics.json"  # stage 2 retrained by hand
+    later = time.time() + 5
+    os.utime(marker, (later, later))
+    assert names(pipeline.plan(cfg)) == ["generate", "retrain", "report"]
+
+
+def test_interrupted_stage_keeps_its_state_but_changed_settings_clear_it(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    semi = next(s for s in pipeline.STAGES if s.name == "semi")
+    ckpt = cfg.run_dir / "stage1" / "semi" / "checkpoints" / "epoch_3"
+    ckpt.mkdir(parents=True)
+    (cfg.run_dir / semi.marker).unlink()
+    record = {"fingerprint": pipeline.fingerprint(cfg, semi), "status": "running"}
+    assert dict((s.name, r) for s, r in pipeline.plan(cfg))["semi"] == "interrupted"
+    pipeline._clear(cfg, semi, record, pipeline.fingerprint(cfg, semi))
+    assert ckpt.is_dir()  # same settings: the stage resumes from its checkpoint
+    changed = cfg_for(tmp_path, "semi.epochs=3")
+    pipeline._clear(changed, semi, record, pipeline.fingerprint(changed, semi))
+    assert not ckpt.exists()  # other settings: the old state must not be resumed
+
+
+def test_rerun_of_generation_removes_old_images(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    old = cfg.run_dir / "synthetic" / "3" / "old.png"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    changed = cfg_for(tmp_path, "generate.guidance_scale=4")
+    assert names(pipeline.plan(changed)) == ["generate", "retrain", "report"]
+    pipeline.run_pipeline(changed)
+    assert not old.exists()
+    assert calls[-3:] == ["generate", "retrain", "report"]
