@@ -43,7 +43,7 @@ def synthetic_dir(cfg: Config) -> Path:
     return Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else cfg.run_dir / "synthetic"
 
 
-def run_retrain(cfg: Config) -> Path:
+def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
     from dpt.generate import load_synthetic_source
     from semivit.finetune import run_finetune
     from semivit.semi import run_semi
@@ -56,7 +56,7 @@ def run_retrain(cfg: Config) -> Path:
         )
     bundle = build_data(cfg.data)
     init = resolve_init(cfg)
-    out = stage3_dir(cfg)
+    out = Path(out_dir) if out_dir else stage3_dir(cfg)
     if not cfg.retrain.synthetic_only and not 0.0 < cfg.retrain.synthetic_ratio < 1.0:
         raise ConfigError(
             f"retrain.synthetic_ratio={cfg.retrain.synthetic_ratio} must lie in (0, 1): the share of synthetic "
