@@ -130,7 +130,7 @@ class PseudoLabelConfig:
 @dataclass
 class DiffusionConfig:
     model: str = "dit"  # dit (DiTTransformer2DModel) | unet (UNet2DModel)
-    image_size: int = 32  # the generator's resolution (pixel space) or the VAE's input size
+    image_size: int = 0  # the generator's resolution (pixel space) or the VAE's input size; 0: data.image_size
     patch_size: int = 4
     hidden_size: int = 192
     depth: int = 6
@@ -156,7 +156,7 @@ class DiffusionConfig:
     amp: str = "no"
     grad_accum: int = 1
     sample_every: int = 0  # steps between sample grids (0: at the end of each 10th epoch)
-    checkpoint_every: int = 500  # steps
+    checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
 
 
 @dataclass
@@ -270,6 +270,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     elif typ is str:
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML reads `labels=true` as a bool; the setting wants the word
+            return "true" if value else "false"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif typ is list or origin is list:

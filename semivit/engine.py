@@ -27,6 +27,8 @@ def setup_logging(accelerator: Accelerator | None = None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     for name in ("semivit", "dpt"):
         logging.getLogger(name).setLevel(level)
+    # accelerate logs every file of every save_state at INFO
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
 def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: int = 1) -> Accelerator:

@@ -1,0 +1,5 @@
+import sys
+
+from semivit.cli import main
+
+sys.exit(main())

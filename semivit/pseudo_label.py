@@ -1,0 +1,94 @@
+"""Stage 1c: the EMA teacher labels the training images.
+
+``<output_dir>/stage1/pseudo_labels.csv`` has one row per training image, columns
+``index,path,label,confidence,true_label``: unlabeled images carry the teacher's label and
+confidence, the labeled subset its given label with confidence 1.0, so stage 2 reads one file for
+every training image. ``pseudo_labels.json`` summarises the unlabeled rows (count per class, mean
+confidence, accuracy against the true labels where known).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semivit.config import Config
+from semivit.data import ViewDataset, build_data, build_transforms, load_label_split, make_split
+from semivit.engine import make_accelerator
+from semivit.evaluate import predict
+from semivit.io import atomic_path, atomic_write_json
+from semivit.models import load_classifier
+from semivit.stage import make_loader
+
+logger = logging.getLogger("semivit")
+
+COLUMNS = ["index", "path", "label", "confidence", "true_label"]
+
+
+def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
+    folder = Path(checkpoint or cfg.checkpoint or cfg.run_dir / "stage1" / "semi")
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"pseudo-label needs a trained classifier folder, '{folder}' has no meta.json: run `semivit semi` with "
+            "the same output_dir first, or set checkpoint=FOLDER"
+        )
+    out_dir = cfg.run_dir / "stage1"
+    accelerator = make_accelerator(cfg, out_dir)
+    bundle = build_data(cfg.data)
+    model, meta = load_classifier(folder, prefer_ema=cfg.pseudo_label.use_ema)
+    if len(meta["classes"]) != bundle.num_classes:
+        raise ValueError(f"checkpoint '{folder}' has {len(meta['classes'])} classes, data '{cfg.data.name}' {bundle.num_classes}")
+    # the labeled subset the classifier was trained with, so its rows keep their given labels
+    split_file = folder / "label_split.csv"
+    labeled = load_label_split(split_file, bundle.train) if split_file.is_file() else make_split(cfg.data, bundle.train, cfg.seed).labeled
+    tf = build_transforms(cfg.data, bundle)["test"]
+    ds = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf)
+    loader = make_loader(ds, cfg.pseudo_label.batch_size, shuffle=False, cfg=cfg, drop_last=False)
+    model, loader = accelerator.prepare(model, loader)
+    logits, true, index = predict(model, loader, accelerator, "pseudo-label")
+    probs = logits.softmax(dim=1)
+    conf, label = probs.max(dim=1)
+    order = index.argsort()  # rows in training-source order, whatever the rank layout
+    index, conf, label, true = index[order], conf[order], label[order], true[order]
+    is_labeled = torch.zeros(len(bundle.train), dtype=torch.bool)
+    is_labeled[torch.as_tensor(labeled)] = True
+    csv_path = out_dir / "pseudo_labels.csv"
+    if accelerator.is_main_process:
+        write_pseudo_labels(csv_path, bundle.train, index, label, conf, true, is_labeled)
+        summary = summarize(label[~is_labeled[index]], conf[~is_labeled[index]], true[~is_labeled[index]], bundle.classes)
+        summary.update(checkpoint=str(folder), num_labeled=int(is_labeled.sum()), use_ema=cfg.pseudo_label.use_ema)
+        atomic_write_json(out_dir / "pseudo_labels.json", summary)
+        logger.info(
+            "pseudo-labels: %d unlabeled images, accuracy %s, mean confidence %.3f -> %s",
+            summary["num_unlabeled"], summary.get("accuracy"), summary["mean_confidence"], csv_path,
+        )
+    accelerator.wait_for_everyone()
+    return csv_path
+
+
+def write_pseudo_labels(path, source, index, label, conf, true, is_labeled) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for i, y, p, t in zip(index.tolist(), label.tolist(), conf.tolist(), true.tolist()):
+            if is_labeled[i]:
+                y, p = int(source.targets[i]), 1.0
+            w.writerow([i, source.paths[i], y, f"{p:.4f}", t if t >= 0 else ""])
+
+
+def summarize(label: torch.Tensor, conf: torch.Tensor, true: torch.Tensor, classes: list[str]) -> dict:
+    counts = torch.bincount(label, minlength=len(classes)).tolist()
+    known = true >= 0
+    out = {
+        "num_unlabeled": int(len(label)),
+        "count_per_class": dict(zip(classes, counts)),
+        "mean_confidence": float(conf.mean()) if len(conf) else 0.0,
+    }
+    if known.any():
+        out["accuracy"] = 100 * float((label[known] == true[known]).float().mean())
+        out["num_with_true_label"] = int(known.sum())
+    return out

@@ -1,0 +1,107 @@
+"""The tensor math of EMA-Teacher semi-supervised learning, as pure functions.
+
+Nothing here touches a model, a loader or a device setting: the training loop in ``semi.py``
+feeds these functions logits and images, and the tests feed them hand-made tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def teacher_pseudo_labels(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Confidence p = max softmax, hard label argmax and the mask p >= tau, from teacher logits."""
+    probs = logits.detach().float().softmax(dim=1)
+    conf, hard = probs.max(dim=1)
+    return conf, hard, conf >= tau
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """One-hot rows with ``smoothing`` spread evenly over all classes; every row sums to 1."""
+    off = smoothing / num_classes
+    out = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return out.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy against a probability vector (soft target)."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+
+
+def unlabeled_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """(1/N) * sum_i mask_i * CE(logits_i, target_i) over the N unlabeled samples.
+
+    The sum is divided by the whole unlabeled batch, not by the number of confident samples: early
+    in training few samples pass the threshold, and dividing by that small count would blow up the
+    gradient of the few pseudo-labels that do, which are the least reliable ones.
+    ``target`` is either hard labels (N,) or soft targets (N, K).
+    """
+    if target.dim() == 1:
+        target = smooth_one_hot(target, logits.shape[1], smoothing)
+    per_sample = soft_cross_entropy(logits, target)
+    return (per_sample * mask.float()).sum() / max(1, logits.shape[0])
+
+
+def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None):
+    """One CutMix box per sample with side ratio sqrt(1 - lam_i), centred uniformly at random.
+
+    Returns the boolean box masks (N, H, W) (True = pixel comes from the partner image) and lam
+    recomputed from each clipped box area, so the target weights match the pixels actually mixed.
+    """
+    n, device = lam.shape[0], lam.device
+    ratio = torch.sqrt((1.0 - lam).clamp(0.0, 1.0))
+    cut_h = (height * ratio).long()
+    cut_w = (width * ratio).long()
+    cy = torch.randint(0, height, (n,), generator=generator, device=device)
+    cx = torch.randint(0, width, (n,), generator=generator, device=device)
+    y1, y2 = (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height)
+    x1, x2 = (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)
+    rows = torch.arange(height, device=device).view(1, -1, 1)
+    cols = torch.arange(width, device=device).view(1, 1, -1)
+    box = (
+        (rows >= y1.view(-1, 1, 1)) & (rows < y2.view(-1, 1, 1)) & (cols >= x1.view(-1, 1, 1)) & (cols < x2.view(-1, 1, 1))
+    )
+    area = ((y2 - y1) * (x2 - x1)).float()
+    return box, 1.0 - area / float(height * width)
+
+
+def prob_pseudo_mixup(
+    images: torch.Tensor,
+    conf: torch.Tensor,
+    pseudo: torch.Tensor,
+    num_classes: int,
+    tau: float,
+    smoothing: float = 0.1,
+    cutmix_prob: float = 0.5,
+    perm: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Semi-ViT's probabilistic pseudo mixup, for the whole batch at once.
+
+    With a random permutation pi: lam_i = p_i / (p_i + p_pi(i)) (the more confident pseudo-label
+    gets the larger share, instead of a Beta draw); each sample is CutMix-ed with probability
+    ``cutmix_prob`` (lam_i then recomputed from the clipped box area) and Mixup-ed otherwise.
+    Target: lam_i * smooth(y_i) + (1 - lam_i) * smooth(y_pi(i)); mask: max(p_i, p_pi(i)) >= tau.
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    if perm is None:
+        perm = torch.randperm(n, generator=generator, device=device)
+    conf = conf.float()
+    conf_p = conf[perm]
+    lam = conf / (conf + conf_p).clamp_min(1e-12)
+    use_cut = torch.rand(n, generator=generator, device=device) < cutmix_prob
+    box, box_lam = cutmix_boxes(lam, h, w, generator)
+    lam = torch.where(use_cut, box_lam, lam)
+
+    partner = images[perm]
+    lam_img = lam.to(images.dtype).view(-1, 1, 1, 1)
+    mixed = lam_img * images + (1.0 - lam_img) * partner
+    pasted = torch.where(box.unsqueeze(1), partner, images)
+    out = torch.where(use_cut.view(-1, 1, 1, 1), pasted, mixed)
+
+    onehot = smooth_one_hot(pseudo, num_classes, smoothing)
+    target = lam.view(-1, 1) * onehot + (1.0 - lam.view(-1, 1)) * onehot[perm]
+    mask = torch.maximum(conf, conf_p) >= tau
+    return {"images": out, "target": target, "mask": mask, "lam": lam, "perm": perm, "cutmix": use_cut}

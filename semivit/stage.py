@@ -1,0 +1,137 @@
+"""Pieces shared by the classifier stages (finetune, semi, retrain): model init, the layer-decay
+optimizer, loaders, the EMA model and the stage's final outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+from semivit.config import Config
+from semivit.data import save_label_split, seed_worker
+from semivit.engine import TrainState, plot_curves, remove_checkpoints, write_metrics
+from semivit.io import atomic_write_json
+from semivit.models import classifier_meta, create_classifier, load_encoder_weights, save_classifier
+
+logger = logging.getLogger("semivit")
+
+
+class StopRequested(RuntimeError):
+    """Raised when ``stop_after_epoch`` is reached: the run ends as if interrupted, resumable."""
+
+
+def resolve_init(cfg: Config, init: str | None) -> str | None:
+    """``auto``: this run's stage-0 encoder when it exists, else random; ``none``; or a path."""
+    init = cfg.model.init if init is None else init
+    if init in ("", "none"):
+        return None
+    if init == "auto":
+        enc = cfg.run_dir / "stage0" / "encoder.safetensors"
+        return str(enc) if enc.is_file() else None
+    if not Path(init).exists():
+        raise FileNotFoundError(f"model.init='{init}' not found; use auto, none or the path of a weights file/folder")
+    return init
+
+
+def build_classifier(cfg: Config, bundle, init: str | None, strict_head: bool = False):
+    model = create_classifier(cfg.model, bundle.num_classes, cfg.data.image_size, bundle.channels)
+    if init:
+        report = load_encoder_weights(model, init, strict_head=strict_head)
+        logger.info("init: %s", report.summary())
+    else:
+        logger.info("init: random")
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float):
+    """AdamW with timm's layer-wise lr decay groups. timm stores each group's factor as
+    ``lr_scale`` for its own schedulers; with a torch LambdaLR it must be applied to the group lr."""
+    opt = create_optimizer_v2(
+        model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay if layer_decay < 1 else None
+    )
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return opt
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3:
+    ema = ModelEmaV3(model, decay=decay)
+    ema.eval()
+    return ema
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, cfg: Config, drop_last: bool = True) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(cfg.seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last and len(dataset) >= batch_size,
+        num_workers=cfg.data.num_workers,
+        worker_init_fn=seed_worker,
+        generator=g,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def cycle(loader):
+    """Endless iteration over a (small) labeled loader inside an epoch of the unlabeled one."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def check_stop(cfg: Config, epoch: int) -> None:
+    if cfg.stop_after_epoch and epoch >= cfg.stop_after_epoch:
+        raise StopRequested(f"stopped after epoch {epoch} (stop_after_epoch={cfg.stop_after_epoch}); run again to resume")
+
+
+def finish_classifier_stage(
+    cfg: Config,
+    accelerator,
+    stage_dir: Path,
+    model,
+    ema,
+    bundle,
+    state: TrainState,
+    metrics: dict,
+    label_source,
+    labeled_idx: np.ndarray,
+    title: str,
+) -> None:
+    """Write the classifier folder: weights + meta, label split, metrics, history, curves; then
+    drop the resumable state, which is no longer needed."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        student = accelerator.unwrap_model(model)
+        save_classifier(stage_dir, student, ema.module if ema is not None else None, classifier_meta(cfg, bundle))
+        save_label_split(stage_dir / "label_split.csv", labeled_idx, label_source)
+        write_metrics(stage_dir, metrics)
+        atomic_write_json(stage_dir / "history.json", state.history)
+        plot_curves(state.history, stage_dir / "curves.png", title)
+    accelerator.wait_for_everyone()
+    remove_checkpoints(accelerator, stage_dir)
+    if cfg.tensorboard and accelerator.log_with:
+        accelerator.end_training()
+
+
+class Timer:
+    """Wall seconds of a stage, carried across resumes through the TrainState history."""
+
+    def __init__(self, state: TrainState):
+        self.start = time.time()
+        self.before = state.history[-1].get("seconds", 0.0) if state.history else 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.time() - self.start
