@@ -1,0 +1,5 @@
+import sys
+
+from dpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""``dpt <command> --config FILE [key=value ...]`` (also ``python -m dpt`` and ``accelerate launch -m dpt``).
+
+Commands live in one registry: name -> (function of the config, settings section whose keys may
+be given without the section prefix, help). A new command is one more entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from dpt.errors import DPTError
+from semivit.config import ConfigError, load_config
+from semivit.data import DataError
+
+
+def _train_diffusion(cfg):
+    from dpt.train_diffusion import run_train_diffusion
+
+    return run_train_diffusion(cfg)
+
+
+def _generate(cfg):
+    from dpt.generate import run_generate
+
+    return run_generate(cfg)
+
+
+def _fid(cfg):
+    from dpt.fid import run_fid, synthetic_class_accuracy
+
+    result = run_fid(cfg)
+    print(f"FID {result['fid']:.3f} ({result['fid_features']}; {result['num_real']} real, {result['num_fake']} fake)")
+    if cfg.fid.features == "classifier" and cfg.fid.classifier and (cfg.fid.fake or cfg.run_dir / "synthetic"):
+        fake = cfg.fid.fake or str(cfg.run_dir / "synthetic")
+        from pathlib import Path
+
+        if (Path(fake) / "manifest.csv").is_file():
+            acc = synthetic_class_accuracy(cfg.fid.classifier, fake)
+            print(f"synthetic class accuracy {acc['synthetic_class_acc']:.4f} ({acc['num_images']} images)")
+    return result
+
+
+# name -> (run function, section for short keys, short keys, help)
+COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
+    "train-diffusion": (
+        _train_diffusion,
+        "diffusion",
+        ("labels", "min_confidence", "max_per_class", "vae", "epochs"),
+        "train the class-conditional diffusion model (stage 2a)",
+    ),
+    "generate": (
+        _generate,
+        "generate",
+        ("model", "out", "num_per_class", "guidance_scale", "sampler", "steps", "classes", "batch_size"),
+        "write a labeled synthetic data set (stage 2b)",
+    ),
+    "fid": (
+        _fid,
+        "fid",
+        ("real", "fake", "features", "inception_weights", "classifier", "per_class", "out"),
+        "FID of a generated set against real images",
+    ),
+}
+
+
+def add_command(sub, name: str) -> None:
+    _, section, short, help_ = COMMANDS[name]
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("--config", default=None, help="experiment YAML (e.g. configs/mnist5k.yaml)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"settings; {', '.join(short)} stand for {section}.<key>" if short else "settings",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpt", description="DPT stages: class-conditional diffusion and synthetic data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        add_command(sub, name)
+    return parser
+
+
+def expand_overrides(command: str, overrides: list[str]) -> list[str]:
+    """``num_per_class=5`` -> ``generate.num_per_class=5`` for the command's short keys."""
+    _, section, short, _ = COMMANDS[command]
+    out = []
+    for pair in overrides:
+        key = pair.split("=", 1)[0].strip()
+        out.append(f"{section}.{pair.strip()}" if key in short else pair)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = COMMANDS[args.command][0]
+    try:
+        cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
+        run(cfg)
+    except (ConfigError, DataError, DPTError, FileNotFoundError) as e:
+        print(f"dpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

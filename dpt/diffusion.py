@@ -1,0 +1,331 @@
+"""The class-conditional denoiser, its noise schedule, guided sampling and the saved model folder.
+
+K classes use label ids ``0..K-1``; id ``K`` is the null label that classifier-free guidance
+uses as "no class". The model is a diffusers ``DiTTransformer2DModel`` (default) or
+``UNet2DModel``, so a saved model folder loads with plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    UNet2DModel,
+)
+
+from dpt.errors import DPTError
+from semivit.config import DiffusionConfig
+from semivit.io import atomic_write_json
+
+logger = logging.getLogger("dpt")
+
+META_FILE = "dpt_meta.json"
+MODEL_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "UNet2DModel": UNet2DModel}
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def build_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, sample_size: int) -> torch.nn.Module:
+    """A fresh denoiser for ``num_classes`` classes (+ the null label) on ``channels`` x ``sample_size``^2."""
+    if dcfg.model == "dit":
+        if sample_size % dcfg.patch_size:
+            raise DPTError(
+                f"diffusion.patch_size={dcfg.patch_size} does not divide the model input size {sample_size}; "
+                "pick a patch size that divides it (e.g. 4 for 28 or 32 px, 2 for 32x32 latents)"
+            )
+        if dcfg.hidden_size % dcfg.num_heads:
+            raise DPTError(f"diffusion.hidden_size={dcfg.hidden_size} must be a multiple of diffusion.num_heads")
+        model = DiTTransformer2DModel(
+            num_attention_heads=dcfg.num_heads,
+            attention_head_dim=dcfg.hidden_size // dcfg.num_heads,
+            in_channels=channels,
+            out_channels=channels,
+            num_layers=dcfg.depth,
+            sample_size=sample_size,
+            patch_size=dcfg.patch_size,
+            num_embeds_ada_norm=num_classes,  # the label tables get K+1 rows: row K is the null label
+        )
+    elif dcfg.model == "unet":
+        chans = tuple(int(c) for c in dcfg.unet_channels)
+        levels = len(chans)
+        if sample_size % (2 ** (levels - 1)):
+            raise DPTError(
+                f"diffusion.unet_channels has {levels} levels, so the input size must be divisible by "
+                f"{2 ** (levels - 1)} (got {sample_size}); drop a level or change diffusion.image_size"
+            )
+        down = ("DownBlock2D",) + ("AttnDownBlock2D",) * (levels - 1)
+        up = ("AttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
+        model = UNet2DModel(
+            sample_size=sample_size,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=chans,
+            down_block_types=down,
+            up_block_types=up,
+            layers_per_block=2,
+            num_class_embeds=num_classes + 1,  # row K: the null label
+            norm_num_groups=min(32, min(chans)),
+        )
+    else:
+        raise DPTError(f"unknown diffusion.model '{dcfg.model}': use dit or unet")
+    disable_internal_label_dropout(model)
+    return model
+
+
+def disable_internal_label_dropout(model: torch.nn.Module) -> None:
+    """diffusers' DiT gives every block its own label embedder with its own dropout (p=0.1), which
+    drops labels independently per block in train mode. We drop labels once per sample ourselves
+    (:func:`drop_labels`), so every block sees the same label and p_uncond is exactly the setting."""
+    for module in model.modules():
+        if hasattr(module, "dropout_prob") and hasattr(module, "embedding_table"):
+            module.dropout_prob = 0.0
+
+
+def num_classes_of(model: torch.nn.Module) -> int:
+    """K, the number of real classes the model was built for (its null label is K)."""
+    if isinstance(model, DiTTransformer2DModel):
+        return int(model.config.num_embeds_ada_norm)
+    return int(model.config.num_class_embeds) - 1
+
+
+def denoiser_forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, DiTTransformer2DModel):
+        return model(hidden_states=x, timestep=t, class_labels=labels).sample
+    return model(x, t, class_labels=labels).sample
+
+
+def drop_labels(labels: torch.Tensor, null_label: int, p_uncond: float, generator=None) -> torch.Tensor:
+    """Replace each label by the null label with probability ``p_uncond`` (training only)."""
+    if p_uncond <= 0:
+        return labels
+    drop = torch.rand(labels.shape[0], generator=generator, device=labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# --------------------------------------------------------------------------------------------
+
+
+def guided_prediction(doubled: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """``doubled`` holds the conditional outputs in its first half and the unconditional ones in its
+    second half (one doubled batch); returns eps_u + w (eps_c - eps_u), over all channels."""
+    if doubled.shape[0] % 2:
+        raise ValueError("guided_prediction expects an even batch: conditional half, then unconditional half")
+    cond, uncond = doubled.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def predict(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null_label: int, w: float) -> torch.Tensor:
+    """The guided model output. w=0: unconditional only; w=1: conditional only (one pass each);
+    otherwise both in one doubled batch."""
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    if w == 0:
+        return denoiser_forward(model, x, t, torch.full_like(labels, null_label))
+    if w == 1:
+        return denoiser_forward(model, x, t, labels)
+    both = denoiser_forward(
+        model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)])
+    )
+    return guided_prediction(both, w)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedulers and sampling
+# --------------------------------------------------------------------------------------------
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+
+
+def make_noise_scheduler(dcfg: DiffusionConfig, latent: bool) -> DDPMScheduler:
+    if dcfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise DPTError(
+            f"diffusion.prediction_type must be epsilon, v_prediction or sample (got '{dcfg.prediction_type}')"
+        )
+    try:
+        return DDPMScheduler(
+            num_train_timesteps=dcfg.num_train_timesteps,
+            beta_schedule=dcfg.beta_schedule,
+            prediction_type=dcfg.prediction_type,
+            clip_sample=not latent,  # pixels live in [-1, 1]; latents do not
+        )
+    except NotImplementedError as e:
+        raise DPTError(f"diffusion.beta_schedule='{dcfg.beta_schedule}' is not supported: {e}") from e
+
+
+def make_sampler(train_scheduler_config, sampler: str):
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(train_scheduler_config)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(train_scheduler_config)
+    if sampler == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(train_scheduler_config, algorithm_type="dpmsolver++")
+    raise DPTError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)} (generate.sampler)")
+
+
+def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
+@torch.no_grad()
+def sample(
+    model,
+    scheduler,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    null_label: int,
+    guidance_scale: float,
+    steps: int,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Our guided sampling loop over any diffusers scheduler (diffusers' DiTPipeline hard-codes 1000
+    classes). ``generators`` (one per image) feed the stochastic samplers, so an image never
+    depends on which other images share its batch."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        out = predict(model, x_in, t.to(noise.device), labels, null_label, guidance_scale)
+        x = scheduler.step(out, t, x, generator=generators).prev_sample
+    return x
+
+
+def image_noise(seeds: list[int], shape: tuple, device="cpu") -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Initial noise, one CPU generator per image seeded by its own seed (same on every device)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    return noise, gens
+
+
+def image_seed(base_seed: int, class_id: int, index: int) -> int:
+    """The seed of image ``index`` of class ``class_id``: a function of these three numbers only."""
+    return int(np.random.SeedSequence([int(base_seed), int(class_id), int(index)]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel <-> model space (pixels, or latents of a local AutoencoderKL)
+# --------------------------------------------------------------------------------------------
+
+
+def load_vae(path: str):
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise DPTError(
+            f"diffusion.vae='{path}' is not a local AutoencoderKL folder (config.json missing); save one with "
+            "AutoencoderKL.save_pretrained(DIR) on a machine with internet and point diffusion.vae at DIR"
+        )
+    vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True)
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+class Codec:
+    """Maps images in [-1, 1] to the denoiser's space and back (identity in pixel space)."""
+
+    def __init__(self, vae=None):
+        self.vae = vae
+        self.scale = float(getattr(vae.config, "scaling_factor", 1.0)) if vae is not None else 1.0
+
+    def to(self, device):
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return x
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample().float() * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return z.clamp(-1, 1)
+        return self.vae.decode((z / self.scale).to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+def model_space(vae, channels: int, image_size: int) -> tuple[int, int]:
+    """(channels, size) the denoiser works on."""
+    if vae is None:
+        return channels, image_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % factor:
+        raise DPTError(f"diffusion.image_size={image_size} must be divisible by the VAE's factor {factor}")
+    return int(vae.config.latent_channels), image_size // factor
+
+
+# --------------------------------------------------------------------------------------------
+# The saved model folder
+# --------------------------------------------------------------------------------------------
+
+
+def save_generator(folder: Path, model, noise_scheduler, meta: dict) -> None:
+    """``save_pretrained`` of the model and its training scheduler plus ``dpt_meta.json`` (classes,
+    channels, image size, null label ...), written to a temporary folder renamed into place."""
+    folder = Path(folder)
+    tmp = folder.parent / f".tmp_{folder.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    noise_scheduler.save_pretrained(str(tmp))
+    atomic_write_json(tmp / META_FILE, meta)
+    old = folder.parent / f".old_{folder.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_generator(folder: str | Path) -> tuple[torch.nn.Module, dict, dict]:
+    """(model in eval mode, training scheduler config, meta) from a folder written by train-diffusion."""
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not folder.is_dir():
+        raise DPTError(f"model folder '{folder}' (generate.model) not found; run train-diffusion first or fix the path")
+    try:
+        cls_name = json.loads(cfg_file.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        cls_name = ""
+    if cls_name not in MODEL_CLASSES:
+        raise DPTError(
+            f"'{folder}' is not a diffusers model folder of DiTTransformer2DModel or UNet2DModel "
+            f"(config.json missing or of class '{cls_name}'); pass the stage2/model folder of train-diffusion"
+        )
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        raise DPTError(
+            f"'{folder}' has no {META_FILE} (classes, channels, image size, null label); it was not written "
+            "by train-diffusion. Add one with keys classes, channels, image_size, null_label"
+        )
+    meta = json.loads(meta_file.read_text())
+    sched_file = folder / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else DDPMScheduler().config
+    model = MODEL_CLASSES[cls_name].from_pretrained(str(folder), local_files_only=True)
+    disable_internal_label_dropout(model)
+    k = num_classes_of(model)
+    if k != len(meta["classes"]) or int(meta.get("null_label", k)) != k:
+        raise DPTError(
+            f"'{folder}': the model has {k} classes but {META_FILE} lists {len(meta['classes'])} "
+            f"(null label {meta.get('null_label')}); the folder is inconsistent, re-run train-diffusion"
+        )
+    return model.eval(), sched, meta

@@ -1,0 +1,392 @@
+"""Stage 2a: train a class-conditional diffusion model on real images and their (pseudo-)labels.
+
+Labels come from stage 1's ``pseudo_labels.csv`` (every training image: the labeled subset with its
+given label, the rest with the teacher's label), from a user's CSV, or from the data set's true
+labels (``diffusion.labels=true``, the oracle). The EMA weights are what is saved and sampled.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from dpt.diffusion import (
+    Codec,
+    build_denoiser,
+    denoiser_forward,
+    drop_labels,
+    image_noise,
+    load_vae,
+    make_noise_scheduler,
+    make_sampler,
+    model_space,
+    sample,
+    save_generator,
+    training_target,
+)
+from dpt.errors import DPTError
+from semivit.config import Config
+from semivit.data import ImageSource, build_data
+from semivit.engine import (
+    TrainState,
+    make_accelerator,
+    maybe_resume,
+    plot_curves,
+    prepare_stage_dir,
+    remove_checkpoints,
+    save_checkpoint,
+    write_metrics,
+)
+
+logger = logging.getLogger("dpt")
+
+# below this many uint8 values the training images are decoded once and kept in memory
+PRELOAD_LIMIT = 256 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingLabels:
+    indices: np.ndarray  # positions in the training ImageSource
+    labels: np.ndarray  # class id per index
+    source: str  # "true" or the CSV path
+    info: dict = field(default_factory=dict)
+
+
+def read_labels_csv(path: Path, source: ImageSource) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(indices, labels, confidences or None) of a labels CSV: columns ``index,label`` and optionally
+    ``path`` (checked against the data set) and ``confidence``."""
+    if not path.is_file():
+        raise DPTError(f"labels file '{path}' (diffusion.labels) not found")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DPTError(f"labels file '{path}' (diffusion.labels) has no rows; it needs columns index,label")
+    missing = [c for c in ("index", "label") if c not in rows[0]]
+    if missing:
+        raise DPTError(f"labels file '{path}' lacks column(s) {missing}; found {list(rows[0])}")
+    try:
+        idx = np.array([int(r["index"]) for r in rows], dtype=np.int64)
+        lab = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DPTError(f"labels file '{path}': index and label must be integers ({e})") from e
+    bad = idx[(idx < 0) | (idx >= len(source))]
+    if len(bad):
+        raise DPTError(
+            f"labels file '{path}' has indices outside [0, {len(source)}) of the training set, e.g. "
+            f"{bad[:5].tolist()}; it was made for another data set (check data.name / data.max_train)"
+        )
+    if len(np.unique(idx)) != len(idx):
+        raise DPTError(f"labels file '{path}' lists some index more than once; keep one row per image")
+    k = source.num_classes
+    wrong = lab[(lab < 0) | (lab >= k)]
+    if len(wrong):
+        raise DPTError(
+            f"labels file '{path}' has labels outside 0..{k - 1} (the data set has {k} classes), e.g. "
+            f"{wrong[:5].tolist()}"
+        )
+    if "path" in rows[0]:
+        differ = [r["path"] for r, i in zip(rows, idx) if r["path"] and r["path"] != source.paths[i]]
+        if differ:
+            raise DPTError(
+                f"labels file '{path}': {len(differ)} paths differ from the data set at the same index "
+                f"(e.g. '{differ[0]}'); the data set changed since the file was written"
+            )
+    conf = None
+    if "confidence" in rows[0]:
+        try:
+            conf = np.array([float(r["confidence"]) if r["confidence"] != "" else 1.0 for r in rows])
+        except ValueError as e:
+            raise DPTError(f"labels file '{path}': non-numeric confidence ({e})") from e
+    return idx, lab, conf
+
+
+def load_training_labels(cfg: Config, source: ImageSource) -> TrainingLabels:
+    """The (index, label) pairs to train on, after the confidence filter and the per-class cap."""
+    dcfg = cfg.diffusion
+    setting = dcfg.labels.strip()
+    if setting == "true":
+        idx, lab, conf = np.arange(len(source)), source.targets.copy(), None
+        origin = "true"
+    else:
+        path = cfg.run_dir / "stage1" / "pseudo_labels.csv" if setting in ("", "auto") else Path(setting)
+        if setting in ("", "auto") and not path.is_file():
+            raise DPTError(
+                f"diffusion.labels=auto reads '{path}', which does not exist: run the pseudo-label stage first, "
+                "or set diffusion.labels=true (the data set's labels) or diffusion.labels=PATH (your CSV)"
+            )
+        idx, lab, conf = read_labels_csv(path, source)
+        origin = str(path)
+    info: dict = {"rows": len(idx)}
+    keep = np.ones(len(idx), dtype=bool)
+    if dcfg.min_confidence > 0:
+        if conf is None:
+            raise DPTError(
+                f"diffusion.min_confidence={dcfg.min_confidence} needs a 'confidence' column in '{origin}'; "
+                "set diffusion.min_confidence=0"
+            )
+        keep &= conf >= dcfg.min_confidence
+    idx, lab = idx[keep], lab[keep]
+    conf = conf[keep] if conf is not None else None
+    if dcfg.max_per_class > 0:
+        # the most confident images of each class (all equal without confidences: lowest indices)
+        order = np.lexsort((idx, -(conf if conf is not None else np.ones(len(idx)))))
+        taken, chosen = np.zeros(source.num_classes, dtype=np.int64), []
+        for j in order:
+            if taken[lab[j]] < dcfg.max_per_class:
+                taken[lab[j]] += 1
+                chosen.append(j)
+        chosen = np.sort(np.array(chosen, dtype=np.int64))
+        idx, lab = idx[chosen], lab[chosen]
+    if len(idx) == 0:
+        raise DPTError(
+            f"no training images left from '{origin}' after diffusion.min_confidence={dcfg.min_confidence}; "
+            "lower diffusion.min_confidence"
+        )
+    counts = np.bincount(lab, minlength=source.num_classes)
+    empty = [source.classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        logger.warning("classes with no training images (the model can still be asked for them): %s", empty[:10])
+    info.update({"num_images": int(len(idx)), "per_class": counts.tolist()})
+    if origin != "true":
+        info["label_acc_vs_true"] = float(np.mean(source.targets[idx] == lab))
+    return TrainingLabels(idx, lab, origin, info)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class PixelDataset(Dataset):
+    """``(uint8 C x S x S image, label)``; small sets are decoded once and kept in memory."""
+
+    def __init__(self, source: ImageSource, labels: TrainingLabels, channels: int, size: int):
+        self.source, self.indices, self.labels = source, labels.indices, labels.labels
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.PILToTensor()])
+        self.cache = None
+        if len(self.indices) * channels * size * size <= PRELOAD_LIMIT:
+            self.cache = torch.stack([self._load(k) for k in range(len(self.indices))])
+
+    def _load(self, k: int) -> torch.Tensor:
+        return self.transform(self.source.load(int(self.indices[k])).convert(self.mode))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        img = self.cache[k] if self.cache is not None else self._load(k)
+        return img, int(self.labels[k])
+
+
+def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
+    return batch.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def stage_dir_of(cfg: Config) -> Path:
+    return cfg.run_dir / "stage2"
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+    """uint8 (N, C, H, W) images as one PNG grid, written atomically."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from semivit.io import atomic_path
+
+    grid = make_grid(images, nrow=nrow, padding=1, pad_value=255)
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if images.shape[1] == 1 else arr)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def sample_grid(model, noise_scheduler, codec, meta: dict, path: Path, device, per_class: int = 8) -> None:
+    """A grid of EMA samples (one row per class, at most 10 classes) during training."""
+    k = len(meta["classes"])
+    classes = list(range(min(k, 10)))
+    labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
+    seeds = [1000 * c + i for c in classes for i in range(per_class)]
+    noise, gens = image_noise(seeds, (meta["model_channels"], meta["model_size"], meta["model_size"]), device)
+    sampler = make_sampler(noise_scheduler.config, "dpmsolver++")
+    x = sample(model, sampler, noise, labels, k, 2.0, 20, gens)
+    save_grid(to_uint8(codec.decode(x)).cpu(), path, nrow=per_class)
+
+
+def run_train_diffusion(cfg: Config) -> Path:
+    dcfg = cfg.diffusion
+    stage_dir = stage_dir_of(cfg)
+    accelerator = make_accelerator(cfg, stage_dir, amp=dcfg.amp, grad_accum=dcfg.grad_accum)
+    bundle = build_data(cfg.data)
+    labels = load_training_labels(cfg, bundle.train)
+    prepare_stage_dir(cfg, stage_dir, accelerator, "stage2")
+    device = accelerator.device
+
+    image_size = dcfg.image_size or cfg.data.image_size
+    vae = load_vae(dcfg.vae) if dcfg.vae else None
+    codec = Codec(vae).to(device)
+    m_channels, m_size = model_space(vae, bundle.channels, image_size)
+    k = bundle.num_classes
+    meta = {
+        "classes": list(bundle.classes),
+        "num_classes": k,
+        "null_label": k,
+        "channels": bundle.channels,
+        "image_size": image_size,
+        "model_channels": m_channels,
+        "model_size": m_size,
+        "vae": str(Path(dcfg.vae).resolve()) if dcfg.vae else "",
+        "latent_scaling": codec.scale,
+        "data": cfg.data.name,
+        "labels": labels.source,
+    }
+
+    model = build_denoiser(dcfg, k, m_channels, m_size)
+    noise_scheduler = make_noise_scheduler(dcfg, latent=vae is not None)
+    from diffusers.training_utils import EMAModel
+
+    # EMA with warm-up: the decay starts near 0 and grows with the step count, so early weights
+    # are not averaged in with a large weight on a short run
+    ema = EMAModel(
+        model.parameters(),
+        decay=dcfg.ema_decay,
+        use_ema_warmup=dcfg.ema_warmup,
+        power=3 / 4,
+        model_cls=type(model),
+        model_config=model.config,
+    )
+    dataset = PixelDataset(bundle.train, labels, bundle.channels, image_size)
+    drop_last = len(dataset) >= dcfg.batch_size * accelerator.num_processes
+    loader = DataLoader(
+        dataset, batch_size=dcfg.batch_size, shuffle=True, drop_last=drop_last, num_workers=cfg.data.num_workers
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ema.to(device)
+    steps_per_epoch = math.ceil(len(loader) / dcfg.grad_accum)
+    total_steps = max(1, dcfg.epochs * steps_per_epoch)
+    from semivit.engine import warmup_cosine
+
+    lr_schedule = warmup_cosine(optimizer, min(dcfg.warmup_steps, total_steps // 2), total_steps, min_lr_ratio=0.1)
+    state = TrainState()
+    accelerator.register_for_checkpointing(lr_schedule, ema, state)
+    resumed = maybe_resume(cfg, accelerator, stage_dir)
+    resumed_from = state.epoch if resumed else None
+    logger.info(
+        "train-diffusion: %d images, %d classes, labels from %s, %s %s params, %d steps/epoch",
+        len(dataset), k, labels.source, dcfg.model,
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", steps_per_epoch,
+    )
+
+    raw = accelerator.unwrap_model(model)
+    start = time.time()
+    images_seen = 0
+    sample_every = dcfg.sample_every
+    for epoch in range(state.epoch, dcfg.epochs):
+        model.train()
+        losses = []
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                x = to_unit_range(x)
+                if dcfg.hflip:
+                    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                x0 = codec.encode(x)
+                y = drop_labels(y, k, dcfg.p_uncond)
+                noise = torch.randn_like(x0)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+                xt = noise_scheduler.add_noise(x0, noise, t)
+                with accelerator.autocast():
+                    pred = denoiser_forward(model, xt, t, y)
+                loss = F.mse_loss(pred.float(), training_target(noise_scheduler, x0, noise, t).float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and dcfg.clip_grad > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), dcfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                lr_schedule.step()
+                ema.step(raw.parameters())
+                state.step += 1
+                if sample_every and state.step % sample_every == 0:
+                    _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir, state.step)
+            losses.append(loss.detach())
+            images_seen += x.shape[0] * accelerator.num_processes
+        epoch_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item() if losses else float("nan")
+        state.epoch = epoch + 1
+        state.history.append(
+            {"epoch": state.epoch, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"], "step": state.step}
+        )
+        logger.info("epoch %d/%d  loss %.4f  step %d", state.epoch, dcfg.epochs, epoch_loss, state.step)
+        if not sample_every and (state.epoch % 10 == 0 or state.epoch == dcfg.epochs):
+            _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir, state.step)
+        if dcfg.checkpoint_every > 0 and (state.epoch % dcfg.checkpoint_every == 0) and state.epoch < dcfg.epochs:
+            save_checkpoint(accelerator, stage_dir, state.epoch)
+    seconds = time.time() - start
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = build_denoiser(dcfg, k, m_channels, m_size)
+        ema.copy_to(final.parameters())
+        save_generator(stage_dir / "model", final, noise_scheduler, meta)
+        plot_curves(state.history, stage_dir / "curves.png", "train-diffusion")
+        write_metrics(
+            stage_dir,
+            {
+                "final_loss": state.history[-1]["loss"] if state.history else None,
+                "seconds": seconds,
+                "train_images_per_second": images_seen / seconds if seconds > 0 else None,
+                "num_images": int(len(dataset)),
+                "num_classes": k,
+                "label_source": labels.source,
+                "labels": labels.info,
+                "epochs": state.epoch,
+                "steps": state.step,
+                "ema_steps": int(ema.optimization_step),
+                "resumed_from_epoch": resumed_from,
+                "model": dcfg.model,
+                "num_params": sum(p.numel() for p in raw.parameters()),
+            },
+        )
+    accelerator.wait_for_everyone()
+    remove_checkpoints(accelerator, stage_dir)
+    accelerator.end_training()
+    logger.info("train-diffusion done in %.0f s: %s", seconds, stage_dir / "model")
+    return stage_dir
+
+
+def _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir: Path, step: int) -> None:
+    if not accelerator.is_main_process:
+        return
+    ema.store(raw.parameters())
+    ema.copy_to(raw.parameters())
+    raw.eval()
+    try:
+        sample_grid(raw, noise_scheduler, codec, meta, stage_dir / "samples" / f"step_{step:07d}.png", accelerator.device)
+    finally:
+        ema.restore(raw.parameters())
+        raw.train()
