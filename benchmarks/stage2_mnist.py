@@ -1,0 +1,199 @@
+"""Stage-2 benchmark on MNIST-5k: oracle generator (true labels) vs generator on stage-1 pseudo-labels.
+
+    nice .venv/bin/python benchmarks/stage2_mnist.py --out runs/bench_stage2 --phase all
+
+Phases (each skipped when its output exists, so a phase can be re-run on its own):
+  stage1   MAE pre-training, fine-tuning (10 labels/class), Semi-ViT, pseudo-labels (semivit, config defaults)
+  judge    a classifier trained on all 4000 true labels (judges synthetic class accuracy, gives FID features)
+  oracle   train-diffusion on the true labels + generate 100 per class
+  pseudo   train-diffusion on stage-1 pseudo-labels + generate 100 per class
+  speed    our guided sampling loop vs diffusers' DiTPipeline loop on the same model and steps
+  report   FID (1000 real test images vs 1000 generated, judge features) and synthetic class accuracy
+Prints a table and writes <out>/stage2_results.json. Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from semivit.config import load_config
+
+CONFIG = "configs/mnist5k.yaml"
+
+
+def cfg_for(out: Path, name: str, *extra: str):
+    return load_config(CONFIG, [f"output_dir={out / name}", "tensorboard=false", *extra])
+
+
+def phase_stage1(out: Path, overrides: list[str]) -> None:
+    cfg = cfg_for(out, "pseudo", *overrides)
+    if (cfg.run_dir / "stage1" / "pseudo_labels.csv").is_file():
+        return
+    from semivit.finetune import run_finetune
+    from semivit.pretrain import run_pretrain
+    from semivit.pseudo_label import run_pseudo_label
+    from semivit.semi import run_semi
+
+    t = time.time()
+    if cfg.model.init != "none":
+        run_pretrain(cfg)
+    run_finetune(cfg)
+    run_semi(cfg)
+    run_pseudo_label(cfg)
+    (out / "stage1_seconds.txt").write_text(f"{time.time() - t:.0f}\n")
+
+
+def phase_judge(out: Path, overrides: list[str]) -> None:
+    if (out / "judge" / "meta.json").is_file():
+        return
+    from semivit.finetune import run_finetune
+
+    cfg = cfg_for(out, "pseudo", *overrides)  # its stage-0 encoder (if any) initialises the judge, as in the pipeline
+    judge = copy.deepcopy(cfg)
+    judge.data.label_percent = 100.0
+    judge.finetune.epochs = cfg.pipeline.judge_epochs
+    run_finetune(judge, out_dir=out / "judge")
+
+
+def phase_generator(out: Path, name: str, labels: str) -> None:
+    from dpt.generate import run_generate
+    from dpt.train_diffusion import run_train_diffusion
+
+    cfg = cfg_for(out, name, f"diffusion.labels={labels}")
+    t = time.time()
+    if not (cfg.run_dir / "stage2" / "model" / "config.json").is_file():
+        run_train_diffusion(cfg)
+    if not (cfg.run_dir / "synthetic" / "manifest.csv").is_file():
+        run_generate(cfg)
+    (cfg.run_dir / "stage2_wall_seconds.txt").write_text(f"{time.time() - t:.0f}\n")
+
+
+def phase_speed(out: Path, n: int = 100, steps: int = 25, w: float = 2.0) -> dict:
+    """Same DiT weights (label tables for 1000 classes, as DiTPipeline needs), same DPM-Solver++,
+    same steps, same batch, same pass-through-sized VAE decode; best of two runs each."""
+    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    from dpt.diffusion import Codec, disable_internal_label_dropout, image_noise, load_generator, sample
+
+    trained, sched_cfg, meta = load_generator(out / "oracle" / "stage2" / "model")
+    conf = dict(trained.config)
+    conf["num_embeds_ada_norm"] = 1000
+    model = DiTTransformer2DModel.from_config(conf)
+    own = model.state_dict()
+    own.update({k: v for k, v in trained.state_dict().items() if own[k].shape == v.shape})
+    model.load_state_dict(own)
+    disable_internal_label_dropout(model)
+    model.eval()
+    c = conf["in_channels"]
+    vae = AutoencoderKL(in_channels=c, out_channels=c, latent_channels=c, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        layers_per_block=1, norm_num_groups=8).eval()
+    sched = DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++")
+    pipe = DiTPipeline(transformer=model, vae=vae, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    labels = [i % 10 for i in range(n)]
+    codec = Codec(vae)
+
+    def ours():
+        noise, gens = image_noise(list(range(n)), (c, conf["sample_size"], conf["sample_size"]))
+        x = sample(model, DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++"),
+                   noise, torch.tensor(labels), 1000, w, steps, gens)
+        return codec.decode(x)
+
+    def theirs():
+        return pipe(class_labels=labels, guidance_scale=w, num_inference_steps=steps, output_type="np",
+                    generator=torch.Generator().manual_seed(0))
+
+    times = {"ours": [], "diffusers": []}
+    with torch.no_grad():
+        for _ in range(2):
+            for name, fn in (("ours", ours), ("diffusers", theirs)):
+                t = time.time()
+                fn()
+                times[name].append(time.time() - t)
+    best = {k: min(v) for k, v in times.items()}
+    res = {
+        "images": n, "steps": steps, "guidance_scale": w, "sampler": "dpmsolver++",
+        "ours_images_per_s": n / best["ours"], "diffusers_images_per_s": n / best["diffusers"],
+        "speed_ratio_ours_over_diffusers": best["diffusers"] / best["ours"],
+    }
+    (out / "speed.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def phase_report(out: Path) -> dict:
+    from dpt.fid import run_fid, synthetic_class_accuracy
+
+    rows = {}
+    for name in ("oracle", "pseudo"):
+        syn = out / name / "synthetic"
+        if not (syn / "manifest.csv").is_file():
+            continue
+        cfg = cfg_for(out, name, "fid.real=test", f"fid.fake={syn}", "fid.features=classifier",
+                      f"fid.classifier={out / 'judge'}", "fid.per_class=true", f"fid.out={out / name / 'fid.json'}")
+        fid = run_fid(cfg)
+        acc = synthetic_class_accuracy(out / "judge", syn)
+        s2 = json.loads((out / name / "stage2" / "metrics.json").read_text())
+        gen = json.loads((syn / "metrics.json").read_text())
+        wall = out / name / "stage2_wall_seconds.txt"
+        rows[name] = {
+            "fid": fid["fid"], "fid_features": fid["fid_features"], "num_real": fid["num_real"],
+            "num_fake": fid["num_fake"], "synthetic_class_acc": acc["synthetic_class_acc"],
+            "synthetic_class_acc_per_class": acc["per_class"], "train_seconds": s2["seconds"],
+            "train_label_acc": s2["labels"].get("label_acc_vs_true", 1.0), "final_loss": s2["final_loss"],
+            "gen_images_per_s": gen["images_per_second"], "gen_seconds": gen["seconds"],
+            "stage2_wall_seconds": float(wall.read_text()) if wall.is_file() else None,
+        }
+    speed = out / "speed.json"
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "rows": rows,
+        "speed": json.loads(speed.read_text()) if speed.is_file() else None,
+    }
+    if "oracle" in rows and "pseudo" in rows:
+        result["fid_ratio_pseudo_over_oracle"] = rows["pseudo"]["fid"] / max(rows["oracle"]["fid"], 1e-9)
+    (out / "stage2_results.json").write_text(json.dumps(result, indent=2))
+    print(f"{'run':8s} {'FID':>8s} {'class acc':>10s} {'labels acc':>10s} {'train s':>8s} {'gen img/s':>10s} {'stage2 wall s':>14s}")
+    for name, r in rows.items():
+        print(f"{name:8s} {r['fid']:8.3f} {r['synthetic_class_acc']:10.4f} {r['train_label_acc']:10.4f} "
+              f"{r['train_seconds']:8.0f} {r['gen_images_per_s']:10.2f} {r['stage2_wall_seconds'] or float('nan'):14.0f}")
+    if result["speed"]:
+        print("sampling loop speed (ours / diffusers DiTPipeline):", f"{result['speed']['speed_ratio_ours_over_diffusers']:.2f}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/bench_stage2")
+    ap.add_argument("--stage1", nargs="*", default=[], help="overrides for the stage-1 run (e.g. a shorter recipe)")
+    ap.add_argument("--phase", default="all", help="all | stage1 | judge | oracle | pseudo | speed | report (comma list)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    phases = ["stage1", "judge", "oracle", "pseudo", "speed", "report"] if args.phase == "all" else args.phase.split(",")
+    for p in phases:
+        t = time.time()
+        if p == "stage1":
+            phase_stage1(out, args.stage1)
+        elif p == "judge":
+            phase_judge(out, args.stage1)
+        elif p == "oracle":
+            phase_generator(out, "oracle", "true")
+        elif p == "pseudo":
+            phase_generator(out, "pseudo", "auto")
+        elif p == "speed":
+            print(json.dumps(phase_speed(out), indent=2))
+        elif p == "report":
+            phase_report(out)
+        print(f"[bench] phase {p}: {time.time() - t:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
