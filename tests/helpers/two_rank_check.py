@@ -1,0 +1,70 @@
+"""Run under ``accelerate launch --num_processes 2``: checks the distributed path of stage 1b.
+
+Writes ``<out>/two_rank.json`` (rank 0) with what the test asserts: both ranks drew the same
+split, saw different data, and hold identical parameters after optimizer steps; the evaluation of a
+classifier folder; and the result of the real ``semi`` command on two ranks.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from semivit.cli import main as cli_main
+from semivit.config import load_config
+from semivit.data import TwoViewDataset, ViewDataset, build_data, build_transforms, make_split
+from semivit.engine import make_accelerator
+from semivit.evaluate import run_evaluate
+from semivit.semi import train_step
+from semivit.stage import build_classifier, make_ema, make_loader, make_optimizer
+
+
+def main():
+    out, finetuned, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    cfg = load_config(None, [f"output_dir={out}", *overrides])
+    acc = make_accelerator(cfg, out / "check")
+    bundle = build_data(cfg.data)
+    split = make_split(cfg.data, bundle.train, cfg.seed)
+    splits = acc.gather(torch.as_tensor(split.labeled).unsqueeze(0))
+
+    # a few real semi steps with the prepared (DDP) model
+    tf = build_transforms(cfg.data, bundle)
+    model = build_classifier(cfg, bundle, None)
+    ema = make_ema(model, 0.9)
+    opt = make_optimizer(model, 1e-3, 0.05, 0.75)
+    lab = make_loader(ViewDataset(bundle.train, split.labeled, tf["train"]), 8, True, cfg)
+    unl = make_loader(TwoViewDataset(bundle.train, split.unlabeled, tf["weak"], tf["strong"]), 16, True, cfg)
+    model, opt, lab, unl = acc.prepare(model, opt, lab, unl)
+    ema.to(acc.device)
+    crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    seen = []
+    for step, ((x_l, y_l, _), (w, s, _, idx)) in enumerate(zip(lab, unl)):
+        if step == 3:
+            break
+        seen.append(idx)
+        losses, _, _ = train_step(model, ema, acc, crit, None, cfg.semi, bundle.num_classes, x_l, y_l, w, s)
+        acc.backward(losses[0])
+        opt.step()
+        opt.zero_grad()
+        ema.update(acc.unwrap_model(model))
+    flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()]).unsqueeze(0)
+    params = acc.gather(flat)
+    first_idx = acc.gather(seen[0].unsqueeze(0))
+
+    metrics = run_evaluate(cfg, finetuned)
+    rc = cli_main(["semi", f"output_dir={out}", f"checkpoint={finetuned}", *overrides])
+    if acc.is_main_process:
+        result = {
+            "world": acc.num_processes,
+            "same_split": bool((splits[0] == splits[1]).all()),
+            "different_batches": not torch.equal(first_idx[0], first_idx[1]),
+            "same_params": bool(torch.equal(params[0], params[1])),
+            "eval": {k: v for k, v in metrics.items() if not isinstance(v, list)},
+            "semi_rc": rc,
+        }
+        (out / "two_rank.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
