@@ -90,3 +90,23 @@ def test_clean_errors(tmp_path, capsys):
     one_line_error(capsys, ["fid", *TINY, f"output_dir={run}", "real=test", f"fake={not_model}",
                             "features=inception"], "holds 0 images")
     one_line_error(capsys, ["fid", *TINY, "real=test", "fake=test", "features=inception"], "fid.inception_weights")
+
+
+def test_latent_space_with_local_vae(tmp_path):
+    """diffusion.vae=DIR: training and generation run in the VAE's latent space."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8)
+    vae.save_pretrained(tmp_path / "vae")
+    run = tmp_path / "run"
+    assert main(["train-diffusion", *TINY, f"output_dir={run}", "labels=true", "epochs=1",
+                 f"vae={tmp_path / 'vae'}", "diffusion.patch_size=1"]) == 0
+    meta = json.loads((run / "stage2" / "model" / "dpt_meta.json").read_text())
+    assert meta["model_channels"] == 2 and meta["model_size"] == 4 and meta["image_size"] == 8
+    assert main(["generate", *TINY, f"output_dir={run}", "num_per_class=1", "steps=2"]) == 0
+    from PIL import Image
+
+    img = Image.open(next((run / "synthetic" / "0").glob("*.png")))
+    assert img.size == (8, 8) and img.mode == "L"
