@@ -92,9 +92,16 @@ def phase_speed(out: Path, n: int = 100, steps: int = 25, w: float = 2.0) -> dic
     disable_internal_label_dropout(model)
     model.eval()
     c = conf["in_channels"]
-    vae = AutoencoderKL(in_channels=c, out_channels=c, latent_channels=c, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        layers_per_block=1, norm_num_groups=8).eval()
+    vae = AutoencoderKL(
+        in_channels=c,
+        out_channels=c,
+        latent_channels=c,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=8,
+    ).eval()
     sched = DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++")
     pipe = DiTPipeline(transformer=model, vae=vae, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
@@ -103,13 +110,26 @@ def phase_speed(out: Path, n: int = 100, steps: int = 25, w: float = 2.0) -> dic
 
     def ours():
         noise, gens = image_noise(list(range(n)), (c, conf["sample_size"], conf["sample_size"]))
-        x = sample(model, DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++"),
-                   noise, torch.tensor(labels), 1000, w, steps, gens)
+        x = sample(
+            model,
+            DPMSolverMultistepScheduler.from_config(sched_cfg, algorithm_type="dpmsolver++"),
+            noise,
+            torch.tensor(labels),
+            1000,
+            w,
+            steps,
+            gens,
+        )
         return codec.decode(x)
 
     def theirs():
-        return pipe(class_labels=labels, guidance_scale=w, num_inference_steps=steps, output_type="np",
-                    generator=torch.Generator().manual_seed(0))
+        return pipe(
+            class_labels=labels,
+            guidance_scale=w,
+            num_inference_steps=steps,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
 
     times = {"ours": [], "diffusers": []}
     with torch.no_grad():
@@ -120,8 +140,12 @@ def phase_speed(out: Path, n: int = 100, steps: int = 25, w: float = 2.0) -> dic
                 times[name].append(time.time() - t)
     best = {k: min(v) for k, v in times.items()}
     res = {
-        "images": n, "steps": steps, "guidance_scale": w, "sampler": "dpmsolver++",
-        "ours_images_per_s": n / best["ours"], "diffusers_images_per_s": n / best["diffusers"],
+        "images": n,
+        "steps": steps,
+        "guidance_scale": w,
+        "sampler": "dpmsolver++",
+        "ours_images_per_s": n / best["ours"],
+        "diffusers_images_per_s": n / best["diffusers"],
         "speed_ratio_ours_over_diffusers": best["diffusers"] / best["ours"],
     }
     (out / "speed.json").write_text(json.dumps(res, indent=2))
@@ -136,19 +160,33 @@ def phase_report(out: Path) -> dict:
         syn = out / name / "synthetic"
         if not (syn / "manifest.csv").is_file():
             continue
-        cfg = cfg_for(out, name, "fid.real=test", f"fid.fake={syn}", "fid.features=classifier",
-                      f"fid.classifier={out / 'judge'}", "fid.per_class=true", f"fid.out={out / name / 'fid.json'}")
+        cfg = cfg_for(
+            out,
+            name,
+            "fid.real=test",
+            f"fid.fake={syn}",
+            "fid.features=classifier",
+            f"fid.classifier={out / 'judge'}",
+            "fid.per_class=true",
+            f"fid.out={out / name / 'fid.json'}",
+        )
         fid = run_fid(cfg)
         acc = synthetic_class_accuracy(out / "judge", syn)
         s2 = json.loads((out / name / "stage2" / "metrics.json").read_text())
         gen = json.loads((syn / "metrics.json").read_text())
         wall = out / name / "stage2_wall_seconds.txt"
         rows[name] = {
-            "fid": fid["fid"], "fid_features": fid["fid_features"], "num_real": fid["num_real"],
-            "num_fake": fid["num_fake"], "synthetic_class_acc": acc["synthetic_class_acc"],
-            "synthetic_class_acc_per_class": acc["per_class"], "train_seconds": s2["seconds"],
-            "train_label_acc": s2["labels"].get("label_acc_vs_true", 1.0), "final_loss": s2["final_loss"],
-            "gen_images_per_s": gen["images_per_second"], "gen_seconds": gen["seconds"],
+            "fid": fid["fid"],
+            "fid_features": fid["fid_features"],
+            "num_real": fid["num_real"],
+            "num_fake": fid["num_fake"],
+            "synthetic_class_acc": acc["synthetic_class_acc"],
+            "synthetic_class_acc_per_class": acc["per_class"],
+            "train_seconds": s2["seconds"],
+            "train_label_acc": s2["labels"].get("label_acc_vs_true", 1.0),
+            "final_loss": s2["final_loss"],
+            "gen_images_per_s": gen["images_per_second"],
+            "gen_seconds": gen["seconds"],
             "stage2_wall_seconds": float(wall.read_text()) if wall.is_file() else None,
         }
     speed = out / "speed.json"
@@ -160,12 +198,19 @@ def phase_report(out: Path) -> dict:
     if "oracle" in rows and "pseudo" in rows:
         result["fid_ratio_pseudo_over_oracle"] = rows["pseudo"]["fid"] / max(rows["oracle"]["fid"], 1e-9)
     (out / "stage2_results.json").write_text(json.dumps(result, indent=2))
-    print(f"{'run':8s} {'FID':>8s} {'class acc':>10s} {'labels acc':>10s} {'train s':>8s} {'gen img/s':>10s} {'stage2 wall s':>14s}")
+    print(
+        f"{'run':8s} {'FID':>8s} {'class acc':>10s} {'labels acc':>10s} {'train s':>8s} {'gen img/s':>10s} {'stage2 wall s':>14s}"
+    )
     for name, r in rows.items():
-        print(f"{name:8s} {r['fid']:8.3f} {r['synthetic_class_acc']:10.4f} {r['train_label_acc']:10.4f} "
-              f"{r['train_seconds']:8.0f} {r['gen_images_per_s']:10.2f} {r['stage2_wall_seconds'] or float('nan'):14.0f}")
+        print(
+            f"{name:8s} {r['fid']:8.3f} {r['synthetic_class_acc']:10.4f} {r['train_label_acc']:10.4f} "
+            f"{r['train_seconds']:8.0f} {r['gen_images_per_s']:10.2f} {r['stage2_wall_seconds'] or float('nan'):14.0f}"
+        )
     if result["speed"]:
-        print("sampling loop speed (ours / diffusers DiTPipeline):", f"{result['speed']['speed_ratio_ours_over_diffusers']:.2f}")
+        print(
+            "sampling loop speed (ours / diffusers DiTPipeline):",
+            f"{result['speed']['speed_ratio_ours_over_diffusers']:.2f}",
+        )
     return result
 
 
@@ -173,11 +218,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/bench_stage2")
     ap.add_argument("--stage1", nargs="*", default=[], help="overrides for the stage-1 run (e.g. a shorter recipe)")
-    ap.add_argument("--phase", default="all", help="all | stage1 | judge | oracle | pseudo | speed | report (comma list)")
+    ap.add_argument(
+        "--phase", default="all", help="all | stage1 | judge | oracle | pseudo | speed | report (comma list)"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    phases = ["stage1", "judge", "oracle", "pseudo", "speed", "report"] if args.phase == "all" else args.phase.split(",")
+    phases = (
+        ["stage1", "judge", "oracle", "pseudo", "speed", "report"] if args.phase == "all" else args.phase.split(",")
+    )
     for p in phases:
         t = time.time()
         if p == "stage1":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from dpt.errors import DPTError
 from semivit.config import ConfigError, load_config
@@ -42,6 +42,18 @@ def _fid(cfg):
     return result
 
 
+def _retrain(cfg):
+    from dpt.retrain import run_retrain
+
+    return run_retrain(cfg)
+
+
+def _run(cfg, start: str | None = None):
+    from dpt.pipeline import run_pipeline
+
+    return run_pipeline(cfg, start=start)
+
+
 # name -> (run function, section for short keys, short keys, help)
 COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
     "train-diffusion": (
@@ -62,6 +74,13 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
         ("real", "fake", "features", "inception_weights", "classifier", "per_class", "out"),
         "FID of a generated set against real images",
     ),
+    "retrain": (
+        _retrain,
+        "retrain",
+        ("synthetic", "synthetic_per_class", "synthetic_ratio", "init", "synthetic_only"),
+        "Semi-ViT retrained on real labeled + synthetic images (stage 3)",
+    ),
+    "run": (_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report"),
 }
 
 
@@ -78,10 +97,17 @@ def add_command(sub, name: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpt", description="DPT stages: class-conditional diffusion and synthetic data")
+    parser = argparse.ArgumentParser(
+        prog="dpt", description="DPT stages: class-conditional diffusion and synthetic data"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         add_command(sub, name)
+    from dpt.pipeline import STAGE_NAMES
+
+    sub.choices["run"].add_argument(
+        "--from", dest="start", choices=STAGE_NAMES, default=None, help="rerun from this stage on"
+    )
     return parser
 
 
@@ -100,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     run = COMMANDS[args.command][0]
     try:
         cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
-        run(cfg)
+        if args.command == "run":
+            run(cfg, start=args.start)
+        else:
+            run(cfg)
     except (ConfigError, DataError, DPTError, FileNotFoundError) as e:
         print(f"dpt {args.command}: error: {e}", file=sys.stderr)
         return 2

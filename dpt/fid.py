@@ -44,9 +44,7 @@ def folder_source(folder: Path) -> ImageSource:
         rows = read_manifest(folder)
         classes = sorted({r["class_name"] for r in rows})
         return load_synthetic_source(folder, classes, channels=3) if rows else FileSource([], [], classes)
-    files = sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     in_subdirs = files and all(p.parent != folder for p in files)
     classes = sorted({p.parent.relative_to(folder).parts[0] for p in files}) if in_subdirs else []
     index = {c: i for i, c in enumerate(classes)}
@@ -102,8 +100,12 @@ class ClassifierFeatures(torch.nn.Module):
     def preprocess(self):
         mode = "L" if self.channels == 1 else "RGB"
         return T.Compose(
-            [T.Lambda(lambda im: im.convert(mode)), T.Resize(self.size, antialias=True), T.CenterCrop(self.size),
-             T.ToTensor()]
+            [
+                T.Lambda(lambda im: im.convert(mode)),
+                T.Resize(self.size, antialias=True),
+                T.CenterCrop(self.size),
+                T.ToTensor(),
+            ]
         )
 
     @torch.no_grad()
@@ -204,9 +206,7 @@ def run_fid(cfg: Config) -> dict:
     fake_src, fake_name = image_set(cfg, fake_spec, "fake")
     for name, src, spec in (("real", real_src, real_name), ("fake", fake_src, fake_name)):
         if len(src) < MIN_IMAGES:
-            raise DPTError(
-                f"fid.{name}='{spec}' holds {len(src)} images; FID needs at least {MIN_IMAGES} per set"
-            )
+            raise DPTError(f"fid.{name}='{spec}' holds {len(src)} images; FID needs at least {MIN_IMAGES} per set")
     net = feature_network(cfg).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net.to(device)
@@ -222,9 +222,13 @@ def run_fid(cfg: Config) -> dict:
     }
     if fcfg.per_class:
         result["per_class"] = _per_class(real_src, fake_src, real, fake)
-    out = Path(fcfg.out) if fcfg.out else (Path(fake_spec) / "fid.json" if Path(fake_spec).is_dir() else Path("fid.json"))
+    out = (
+        Path(fcfg.out) if fcfg.out else (Path(fake_spec) / "fid.json" if Path(fake_spec).is_dir() else Path("fid.json"))
+    )
     atomic_write_json(out, result)
-    logger.info("FID %.3f (%s; %d real, %d fake) -> %s", result["fid"], net.name, result["num_real"], result["num_fake"], out)
+    logger.info(
+        "FID %.3f (%s; %d real, %d fake) -> %s", result["fid"], net.name, result["num_real"], result["num_fake"], out
+    )
     return result
 
 
@@ -233,7 +237,9 @@ def _per_class(real_src, fake_src, real, fake) -> dict:
     out = {}
     real_t, fake_t = np.asarray(real_src.targets), np.asarray(fake_src.targets)
     if not real_src.classes or not fake_src.classes:
-        raise DPTError("fid.per_class=true needs class labels for both sets (a data set split, class sub-folders or a manifest)")
+        raise DPTError(
+            "fid.per_class=true needs class labels for both sets (a data set split, class sub-folders or a manifest)"
+        )
     for name in sorted(set(real_src.classes) & set(fake_src.classes)):
         r = np.flatnonzero(real_t == real_src.classes.index(name))
         f = np.flatnonzero(fake_t == fake_src.classes.index(name))
@@ -266,9 +272,7 @@ def synthetic_class_accuracy(classifier_dir: str | Path, synthetic_dir: str | Pa
     loader = DataLoader(_Images(src, range(len(src)), tf), batch_size=batch_size)
     preds = torch.cat([model(x).argmax(1) for x in loader]).numpy()
     correct = preds == src.targets
-    per_class = {
-        classes[c]: float(correct[src.targets == c].mean()) for c in np.unique(src.targets)
-    }
+    per_class = {classes[c]: float(correct[src.targets == c].mean()) for c in np.unique(src.targets)}
     return {
         "synthetic_class_acc": float(correct.mean()),
         "per_class": per_class,

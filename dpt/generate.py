@@ -26,7 +26,7 @@ from dpt.diffusion import Codec, image_noise, image_seed, load_generator, load_v
 from dpt.errors import DPTError
 from semivit.config import Config
 from semivit.data import FileSource
-from semivit.io import atomic_path, atomic_write_json, atomic_write_text
+from semivit.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger("dpt")
 
@@ -97,9 +97,7 @@ def model_dir_of(cfg: Config) -> Path:
 
 def pending_work(out: Path, dirs: list[str], class_ids: list[int], per_class: int) -> list[tuple[int, int]]:
     """(class, index) pairs whose file does not exist yet, in a fixed order."""
-    return [
-        (c, i) for c in class_ids for i in range(per_class) if not (out / dirs[c] / image_file(c, i)).is_file()
-    ]
+    return [(c, i) for c in class_ids for i in range(per_class) if not (out / dirs[c] / image_file(c, i)).is_file()]
 
 
 def check_settings(out: Path, settings: dict, write: bool) -> None:
@@ -167,8 +165,13 @@ def run_generate(cfg: Config) -> Path:
     shape = (meta["model_channels"], meta["model_size"], meta["model_size"])
     logger.info(
         "generate: %d images to make (%d classes x %d, %d already there), %s %d steps, w=%.2f, %d processes",
-        len(work), len(class_ids), gcfg.num_per_class,
-        len(class_ids) * gcfg.num_per_class - len(work), gcfg.sampler, gcfg.steps, gcfg.guidance_scale,
+        len(work),
+        len(class_ids),
+        gcfg.num_per_class,
+        len(class_ids) * gcfg.num_per_class - len(work),
+        gcfg.sampler,
+        gcfg.steps,
+        gcfg.guidance_scale,
         accelerator.num_processes,
     )
     start = time.time()
@@ -179,7 +182,7 @@ def run_generate(cfg: Config) -> Path:
         x = sample(model, sampler, noise, labels, null, gcfg.guidance_scale, gcfg.steps, gens)
         imgs = ((codec.decode(x) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         imgs = imgs.permute(0, 2, 3, 1).cpu().numpy()
-        for (c, i), img in zip(batch, imgs):
+        for (c, i), img in zip(batch, imgs, strict=True):
             save_png(img, out / dirs[c] / image_file(c, i))
         made += len(batch)
     seconds = time.time() - start

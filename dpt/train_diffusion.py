@@ -100,7 +100,7 @@ def read_labels_csv(path: Path, source: ImageSource) -> tuple[np.ndarray, np.nda
             f"{wrong[:5].tolist()}"
         )
     if "path" in rows[0]:
-        differ = [r["path"] for r, i in zip(rows, idx) if r["path"] and r["path"] != source.paths[i]]
+        differ = [r["path"] for r, i in zip(rows, idx, strict=True) if r["path"] and r["path"] != source.paths[i]]
         if differ:
             raise DPTError(
                 f"labels file '{path}': {len(differ)} paths differ from the data set at the same index "
@@ -298,8 +298,12 @@ def run_train_diffusion(cfg: Config) -> Path:
     resumed_from = state.epoch if resumed else None
     logger.info(
         "train-diffusion: %d images, %d classes, labels from %s, %s %s params, %d steps/epoch",
-        len(dataset), k, labels.source, dcfg.model,
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", steps_per_epoch,
+        len(dataset),
+        k,
+        labels.source,
+        dcfg.model,
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
+        steps_per_epoch,
     )
 
     raw = accelerator.unwrap_model(model)
@@ -386,7 +390,9 @@ def _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir: Path, 
     ema.copy_to(raw.parameters())
     raw.eval()
     try:
-        sample_grid(raw, noise_scheduler, codec, meta, stage_dir / "samples" / f"step_{step:07d}.png", accelerator.device)
+        sample_grid(
+            raw, noise_scheduler, codec, meta, stage_dir / "samples" / f"step_{step:07d}.png", accelerator.device
+        )
     finally:
         ema.restore(raw.parameters())
         raw.train()

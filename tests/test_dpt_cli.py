@@ -9,14 +9,27 @@ import dpt.train_diffusion as td
 from dpt.cli import build_parser, expand_overrides, main
 from semivit.config import load_config
 
-TINY = ["data.name=digits", "data.image_size=8", "data.max_train=128", "diffusion.patch_size=2",
-        "diffusion.hidden_size=32", "diffusion.depth=2", "diffusion.num_heads=2", "diffusion.batch_size=32",
-        "diffusion.warmup_steps=2", "tensorboard=false"]
+TINY = [
+    "data.name=digits",
+    "data.image_size=8",
+    "data.max_train=128",
+    "diffusion.patch_size=2",
+    "diffusion.hidden_size=32",
+    "diffusion.depth=2",
+    "diffusion.num_heads=2",
+    "diffusion.batch_size=32",
+    "diffusion.warmup_steps=2",
+    "tensorboard=false",
+]
 
 
 def test_shortcuts_map_to_sections():
     assert expand_overrides("generate", ["model=D", "num_per_class=3", "seed=1", "generate.steps=4"]) == [
-        "generate.model=D", "generate.num_per_class=3", "seed=1", "generate.steps=4"]
+        "generate.model=D",
+        "generate.num_per_class=3",
+        "seed=1",
+        "generate.steps=4",
+    ]
     assert expand_overrides("fid", ["real=test", "features=inception"]) == ["fid.real=test", "fid.features=inception"]
     args = build_parser().parse_args(["train-diffusion", "--config", "c.yaml", "labels=true"])
     assert args.command == "train-diffusion" and args.overrides == ["labels=true"]
@@ -30,16 +43,35 @@ def test_train_generate_end_to_end(tmp_path, capsys):
     assert m["label_source"] == "true" and m["num_classes"] == 10 and m["num_images"] == 128
     assert m["epochs"] == 2 and m["steps"] == 8 and m["ema_steps"] == 8  # 128 images / 32 per batch
     assert m["final_loss"] < 2.0
-    for f in ("model/config.json", "model/diffusion_pytorch_model.safetensors", "model/scheduler_config.json",
-              "model/dpt_meta.json", "config.yaml", "curves.png"):
+    for f in (
+        "model/config.json",
+        "model/diffusion_pytorch_model.safetensors",
+        "model/scheduler_config.json",
+        "model/dpt_meta.json",
+        "config.yaml",
+        "curves.png",
+    ):
         assert (stage / f).is_file(), f
     assert list((stage / "samples").glob("*.png"))
     assert not (stage / "checkpoints").exists()
     meta = json.loads((stage / "model" / "dpt_meta.json").read_text())
     assert meta["null_label"] == 10 and meta["channels"] == 1 and meta["image_size"] == 8
 
-    assert main(["generate", *TINY, f"output_dir={run}", "num_per_class=2", "steps=3", "sampler=ddim",
-                 "guidance_scale=1.5", "classes=3,7"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                *TINY,
+                f"output_dir={run}",
+                "num_per_class=2",
+                "steps=3",
+                "sampler=ddim",
+                "guidance_scale=1.5",
+                "classes=3,7",
+            ]
+        )
+        == 0
+    )
     with open(run / "synthetic" / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["class_name"] for r in rows} == {"3", "7"}
@@ -87,8 +119,11 @@ def test_clean_errors(tmp_path, capsys):
     not_model.mkdir()
     one_line_error(capsys, ["generate", *TINY, f"model={not_model}"], "not a diffusers model folder")
     one_line_error(capsys, ["generate", *TINY, "sampler=euler"], "generate.sampler")
-    one_line_error(capsys, ["fid", *TINY, f"output_dir={run}", "real=test", f"fake={not_model}",
-                            "features=inception"], "holds 0 images")
+    one_line_error(
+        capsys,
+        ["fid", *TINY, f"output_dir={run}", "real=test", f"fake={not_model}", "features=inception"],
+        "holds 0 images",
+    )
     one_line_error(capsys, ["fid", *TINY, "real=test", "fake=test", "features=inception"], "fid.inception_weights")
 
 
@@ -96,13 +131,32 @@ def test_latent_space_with_local_vae(tmp_path):
     """diffusion.vae=DIR: training and generation run in the VAE's latent space."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=2,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
     vae.save_pretrained(tmp_path / "vae")
     run = tmp_path / "run"
-    assert main(["train-diffusion", *TINY, f"output_dir={run}", "labels=true", "epochs=1",
-                 f"vae={tmp_path / 'vae'}", "diffusion.patch_size=1"]) == 0
+    assert (
+        main(
+            [
+                "train-diffusion",
+                *TINY,
+                f"output_dir={run}",
+                "labels=true",
+                "epochs=1",
+                f"vae={tmp_path / 'vae'}",
+                "diffusion.patch_size=1",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((run / "stage2" / "model" / "dpt_meta.json").read_text())
     assert meta["model_channels"] == 2 and meta["model_size"] == 4 and meta["image_size"] == 8
     assert main(["generate", *TINY, f"output_dir={run}", "num_per_class=1", "steps=2"]) == 0

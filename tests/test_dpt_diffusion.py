@@ -142,7 +142,14 @@ def test_save_pretrained_round_trip(tmp_path):
     cfg = tiny_cfg()
     model = build_denoiser(cfg, 4, channels=1, sample_size=8).eval()
     sched = make_noise_scheduler(cfg, latent=False)
-    meta = {"classes": list("abcd"), "null_label": 4, "channels": 1, "image_size": 8, "model_channels": 1, "model_size": 8}
+    meta = {
+        "classes": list("abcd"),
+        "null_label": 4,
+        "channels": 1,
+        "image_size": 8,
+        "model_channels": 1,
+        "model_size": 8,
+    }
     save_generator(tmp_path / "model", model, sched, meta)
     loaded, sched_cfg, meta2 = load_generator(tmp_path / "model")
     plain = DiTTransformer2DModel.from_pretrained(str(tmp_path / "model")).eval()  # a diffusers user's view
@@ -160,7 +167,14 @@ def test_save_pretrained_round_trip(tmp_path):
 def test_unet_round_trip(tmp_path):
     cfg = tiny_cfg(model="unet")
     model = build_denoiser(cfg, 2, channels=3, sample_size=8).eval()
-    meta = {"classes": ["x", "y"], "null_label": 2, "channels": 3, "image_size": 8, "model_channels": 3, "model_size": 8}
+    meta = {
+        "classes": ["x", "y"],
+        "null_label": 2,
+        "channels": 3,
+        "image_size": 8,
+        "model_channels": 3,
+        "model_size": 8,
+    }
     save_generator(tmp_path / "m", model, make_noise_scheduler(cfg, latent=False), meta)
     loaded, _, _ = load_generator(tmp_path / "m")
     assert isinstance(loaded, UNet2DModel) and num_classes_of(loaded) == 2

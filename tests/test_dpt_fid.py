@@ -36,8 +36,15 @@ def make_classifier(folder, classes, favour=None):
             model.head.weight.zero_()
             model.head.bias.zero_()
             model.head.bias[favour] = 10.0
-    meta = {"classes": classes, "channels": 1, "image_size": 8, "mean": [0.5], "std": [0.5],
-            "model": "vit_micro_patch4", "global_pool": "avg"}
+    meta = {
+        "classes": classes,
+        "channels": 1,
+        "image_size": 8,
+        "mean": [0.5],
+        "std": [0.5],
+        "model": "vit_micro_patch4",
+        "global_pool": "avg",
+    }
     save_classifier(folder, model, model, meta)
     return folder
 
@@ -56,8 +63,17 @@ def make_synthetic(folder, classes, per_class, seed=0, shift=0):
 
 
 def fid_cfg(tmp_path, real, fake, *extra):
-    return load_config(None, [f"output_dir={tmp_path}", f"fid.real={real}", f"fid.fake={fake}",
-                              "fid.features=classifier", f"fid.classifier={tmp_path / 'clf'}", *extra])
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            f"fid.real={real}",
+            f"fid.fake={fake}",
+            "fid.features=classifier",
+            f"fid.classifier={tmp_path / 'clf'}",
+            *extra,
+        ],
+    )
 
 
 def test_run_fid_with_classifier_features(tmp_path):

@@ -27,16 +27,30 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = DiffusionConfig(patch_size=2, hidden_size=32, depth=2, num_heads=2)
     model = build_denoiser(cfg, len(CLASSES), channels=1, sample_size=8)
-    meta = {"classes": CLASSES, "num_classes": 3, "null_label": 3, "channels": 1, "image_size": 8,
-            "model_channels": 1, "model_size": 8, "vae": ""}
+    meta = {
+        "classes": CLASSES,
+        "num_classes": 3,
+        "null_label": 3,
+        "channels": 1,
+        "image_size": 8,
+        "model_channels": 1,
+        "model_size": 8,
+        "vae": "",
+    }
     folder = tmp_path_factory.mktemp("gen") / "model"
     save_generator(folder, model, make_noise_scheduler(cfg, latent=False), meta)
     return folder
 
 
 def overrides(model_dir, out, n=4, **extra):
-    pairs = [f"generate.model={model_dir}", f"generate.out={out}", f"generate.num_per_class={n}",
-             "generate.steps=3", "generate.batch_size=3", "tensorboard=false"]
+    pairs = [
+        f"generate.model={model_dir}",
+        f"generate.out={out}",
+        f"generate.num_per_class={n}",
+        "generate.steps=3",
+        "generate.batch_size=3",
+        "tensorboard=false",
+    ]
     return pairs + [f"generate.{k}={v}" for k, v in extra.items()]
 
 
@@ -142,10 +156,26 @@ def _free_port() -> int:
 def test_same_images_on_one_and_two_processes(model_dir, tmp_path):
     one = gen(model_dir, tmp_path / "one", n=4)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "dpt", "generate",
-           *overrides(model_dir, tmp_path / "two", 4)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "dpt",
+        "generate",
+        *overrides(model_dir, tmp_path / "two", 4),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     two = tmp_path / "two"

@@ -22,7 +22,7 @@ def cfg_for(tmp_path, **diff):
 
 def write_pseudo(path, source, labels, conf):
     lines = ["index,path,label,confidence,true_label"]
-    for i, (lab, c) in enumerate(zip(labels, conf)):
+    for i, (lab, c) in enumerate(zip(labels, conf, strict=True)):
         lines.append(f"{i},{source.paths[i]},{lab},{c},{source.targets[i]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -47,7 +47,7 @@ def test_auto_reads_stage1_file_with_filter_and_cap(tmp_path, source):
     counts = np.bincount(lab.labels, minlength=10)
     assert counts.max() == 1
     # the cap keeps the most confident image of each class
-    for i, y in zip(lab.indices, lab.labels):
+    for i, y in zip(lab.indices, lab.labels, strict=True):
         assert conf[i] == conf[(labels == y)].max()
 
 
