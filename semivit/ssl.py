@@ -59,9 +59,10 @@ def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Ge
     x1, x2 = (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)
     rows = torch.arange(height, device=device).view(1, -1, 1)
     cols = torch.arange(width, device=device).view(1, 1, -1)
-    box = (
-        (rows >= y1.view(-1, 1, 1)) & (rows < y2.view(-1, 1, 1)) & (cols >= x1.view(-1, 1, 1)) & (cols < x2.view(-1, 1, 1))
-    )
+    # separable: a row band (N, H, 1) and a column band (N, 1, W), one broadcast AND
+    in_rows = (rows >= y1.view(-1, 1, 1)) & (rows < y2.view(-1, 1, 1))
+    in_cols = (cols >= x1.view(-1, 1, 1)) & (cols < x2.view(-1, 1, 1))
+    box = in_rows & in_cols
     area = ((y2 - y1) * (x2 - x1)).float()
     return box, 1.0 - area / float(height * width)
 
@@ -95,11 +96,10 @@ def prob_pseudo_mixup(
     box, box_lam = cutmix_boxes(lam, h, w, generator)
     lam = torch.where(use_cut, box_lam, lam)
 
-    partner = images[perm]
-    lam_img = lam.to(images.dtype).view(-1, 1, 1, 1)
-    mixed = lam_img * images + (1.0 - lam_img) * partner
-    pasted = torch.where(box.unsqueeze(1), partner, images)
-    out = torch.where(use_cut.view(-1, 1, 1, 1), pasted, mixed)
+    # one per-pixel weight of the own image covers both cases: the box complement for CutMix,
+    # the constant lam_i for Mixup; then a single lerp mixes the whole batch
+    own = torch.where(use_cut.view(-1, 1, 1), ~box, lam.view(-1, 1, 1).expand_as(box).to(images.dtype))
+    out = torch.lerp(images[perm], images, own.to(images.dtype).unsqueeze(1))
 
     onehot = smooth_one_hot(pseudo, num_classes, smoothing)
     target = lam.view(-1, 1) * onehot + (1.0 - lam.view(-1, 1)) * onehot[perm]
