@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_mini_patch4"  # a small ViT of this project or any timm ViT name
+    name: str = "vit_compact_patch4"  # a small ViT of this project or any timm ViT name
     drop_path: float = 0.1
     global_pool: str = "avg"  # Semi-ViT pools the patch tokens
     init: str = "auto"  # auto (stage-0 encoder of this run if present) | none | PATH to weights
@@ -58,7 +58,7 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 60
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 1.5e-3
     min_lr: float = 1e-5
@@ -94,13 +94,13 @@ class FinetuneConfig:
 
 @dataclass
 class SemiConfig:
-    epochs: int = 20
-    batch_size: int = 32  # labeled images per step; the unlabeled batch is mu * batch_size
+    epochs: int = 15
+    batch_size: int = 16  # labeled images per step (per process); the unlabeled batch is mu * batch_size
     mu: int = 5
     tau: float = 0.7
     lambda_u: float = 5.0
     teacher: str = "ema"  # ema (EMA-Teacher) | student (FixMatch)
-    ema_decay: float = 0.999  # 0.9999 at ImageNet scale; a small data set needs a faster teacher
+    ema_decay: float = 0.99  # 0.9999 at ImageNet scale; a few hundred steps need a faster teacher
     pseudo_mixup: bool = True
     pseudo_mixup_cutmix_prob: float = 0.5
     lr: float = 5e-4
