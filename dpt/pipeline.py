@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from accelerate import PartialState
-
 from semivit.config import Config, ConfigError, read_saved_config, to_dict
+from semivit.engine import distributed_state
 from semivit.io import atomic_write_json, read_json
 
 logger = logging.getLogger("dpt")
@@ -203,7 +202,7 @@ def _clear(cfg: Config, stage: Stage, record: dict, fp: str) -> None:
 
 
 def run_pipeline(cfg: Config, start: str | None = None) -> dict:
-    state_ = PartialState()
+    state_ = distributed_state()
     todo = plan(cfg, start)
     skipped = [s.name for s in STAGES if s.name not in {t.name for t, _ in todo}]
     if state_.is_main_process:

@@ -1,7 +1,7 @@
 """Evaluation of a pipeline run: ``summary.json`` (keys in DESIGN.md) and ``report.md``.
 
 Every top-1 is that of the final EMA (teacher) model of its stage on the held-out split; no number
-is chosen by looking at the test split during training.
+is chosen by looking at the test split during training. Accuracies are in percent.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _metrics(run: Path, rel: str) -> dict:
 def _fmt(x, pct: bool = True) -> str:
     if x is None:
         return "-"
-    return f"{100 * x:.2f}" if pct else f"{x:.2f}"
+    return f"{x:.2f}"
 
 
 def format_table(summary: dict) -> str:
@@ -63,7 +63,7 @@ def _results_plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [label.split(" (")[0] for key, label, _ in ROWS if summary.get(key) is not None]
-    values = [100 * summary[key] for key, _, _ in ROWS if summary.get(key) is not None]
+    values = [summary[key] for key, _, _ in ROWS if summary.get(key) is not None]
     if not values:
         return
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -79,10 +79,9 @@ def _results_plot(summary: dict, path: Path) -> None:
 
 
 def run_report(cfg: Config) -> dict:
-    from accelerate import PartialState
-
     from dpt.fid import run_fid, synthetic_class_accuracy
     from dpt.pipeline import stage_seconds
+    from semivit.engine import distributed_state
 
     run = cfg.run_dir
     synthetic = Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else run / "synthetic"
@@ -105,7 +104,7 @@ def run_report(cfg: Config) -> dict:
     fid = run_fid(fid_cfg)
     acc = synthetic_class_accuracy(fid_cfg.fid.classifier, synthetic)
     summary.update(
-        synthetic_class_acc=acc.get("accuracy"),
+        synthetic_class_acc=acc.get("synthetic_class_acc"),
         synthetic_class_acc_per_class=acc.get("per_class"),
         fid=fid.get("fid"),
         fid_features=fid.get("fid_features"),
@@ -113,12 +112,12 @@ def run_report(cfg: Config) -> dict:
         fid_num_fake=fid.get("num_fake"),
         stage_seconds=stage_seconds(cfg),
     )
-    if PartialState().is_main_process:
+    if distributed_state().is_main_process:
         atomic_write_json(run / "summary.json", summary)
         _results_plot(summary, run / "results.png")
         atomic_write_text(run / "report.md", render_report(cfg, summary))
         logger.info("wrote %s and %s", run / "summary.json", run / "report.md")
-    PartialState().wait_for_everyone()
+    distributed_state().wait_for_everyone()
     return summary
 
 

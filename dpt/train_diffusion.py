@@ -39,6 +39,7 @@ from semivit.config import Config
 from semivit.data import ImageSource, build_data
 from semivit.engine import (
     TrainState,
+    finish_trackers,
     make_accelerator,
     maybe_resume,
     plot_curves,
@@ -378,7 +379,7 @@ def run_train_diffusion(cfg: Config) -> Path:
         )
     accelerator.wait_for_everyone()
     remove_checkpoints(accelerator, stage_dir)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     logger.info("train-diffusion done in %.0f s: %s", seconds, stage_dir / "model")
     return stage_dir
 

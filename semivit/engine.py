@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from semivit.config import Config, save_config
@@ -31,6 +31,16 @@ def setup_logging(accelerator: Accelerator | None = None) -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
+def use_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
+def distributed_state() -> PartialState:
+    """The process group, formed the same way the stages' Accelerators form it: it is a singleton,
+    so whichever is created first decides, and a CPU launch must still make gloo ranks."""
+    return PartialState(cpu=use_cpu())
+
+
 def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: int = 1) -> Accelerator:
     """One Accelerator per stage. Without CUDA it runs on the CPU, and a multi-process launch still
     forms real (gloo) ranks, so the distributed path is the same one that runs on GPUs."""
@@ -47,7 +57,7 @@ def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: 
         gradient_accumulation_steps=grad_accum,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(stage_dir), logging_dir=str(stage_dir / "logs")),
-        cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"),
+        cpu=use_cpu(),
     )
     setup_logging(accelerator)
     # every rank seeds the same: the label split and model init agree; data order differs by sampler
@@ -62,6 +72,14 @@ def prepare_stage_dir(cfg: Config, stage_dir: Path, accelerator: Accelerator, tr
     accelerator.wait_for_everyone()
     if cfg.tensorboard and accelerator.log_with:
         accelerator.init_trackers(tracker_name)
+
+
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Close the TensorBoard writers. Not ``end_training``: that also destroys the process group,
+    and the pipeline runs further stages on the same ranks after this one."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
@@ -118,7 +136,7 @@ def save_checkpoint(accelerator: Accelerator, stage_dir: Path, epoch: int, keep:
     tmp = folder / f".tmp_epoch_{epoch}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)  # every rank writes its RNG state here, so it must exist before any does
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()

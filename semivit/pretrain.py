@@ -20,6 +20,7 @@ from semivit.config import Config
 from semivit.data import ViewDataset, build_data, build_transforms
 from semivit.engine import (
     TrainState,
+    finish_trackers,
     make_accelerator,
     maybe_resume,
     plot_curves,
@@ -135,5 +136,5 @@ def run_pretrain(cfg: Config) -> Path:
     accelerator.wait_for_everyone()
     remove_checkpoints(accelerator, stage_dir)
     if cfg.tensorboard and accelerator.log_with:
-        accelerator.end_training()
+        finish_trackers(accelerator)
     return stage_dir

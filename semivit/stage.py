@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from semivit.config import Config
 from semivit.data import save_label_split, seed_worker
-from semivit.engine import TrainState, plot_curves, remove_checkpoints, write_metrics
+from semivit.engine import TrainState, finish_trackers, plot_curves, remove_checkpoints, write_metrics
 from semivit.io import atomic_write_json
 from semivit.models import classifier_meta, create_classifier, load_encoder_weights, save_classifier
 
@@ -122,7 +122,7 @@ def finish_classifier_stage(
     accelerator.wait_for_everyone()
     remove_checkpoints(accelerator, stage_dir)
     if cfg.tensorboard and accelerator.log_with:
-        accelerator.end_training()
+        finish_trackers(accelerator)
 
 
 class Timer:
