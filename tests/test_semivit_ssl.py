@@ -129,3 +129,23 @@ def test_batched_equals_per_sample_reference():
     ref_x, ref_t = _loop_reference(x, conf, hard, k, 0.5, perm, use_cut, cy, cx)
     assert torch.allclose(out["images"], ref_x, atol=1e-6)
     assert torch.allclose(out["target"], ref_t, atol=1e-6)
+
+
+def test_pseudo_label_stats_and_collapse_check(caplog):
+    from semivit.semi import check_collapse, pseudo_label_stats
+
+    mask = torch.tensor([True, True, True, False, True])
+    hard = torch.tensor([1, 1, 2, 0, 1])
+    true = torch.tensor([1, 2, 2, 0, -1])  # last one: true label unknown
+    s = pseudo_label_stats(mask, hard, true, num_classes=3)
+    assert s["mask_ratio"] == pytest.approx(0.8)
+    assert s["hist_pseudo"] == [0, 3, 1]
+    assert s["pseudo_label_acc"] == pytest.approx(100 * 2 / 3)  # confident and known: 1->1, 1->2, 2->2
+    assert s["pseudo_label_acc_all"] == pytest.approx(75.0)
+    collapsed = {"pseudo_classes": 1, "hist_pseudo": [0, 50, 0, 0]}
+    with caplog.at_level("WARNING", logger="semivit"):
+        check_collapse(collapsed, 4, 0.5, stop=False, epoch=3)
+    assert "collapsed" in caplog.text
+    with pytest.raises(RuntimeError, match="stop_on_collapse"):
+        check_collapse(collapsed, 4, 0.5, stop=True, epoch=3)
+    check_collapse({"pseudo_classes": 4, "hist_pseudo": [5, 5, 5, 5]}, 4, 0.5, stop=True, epoch=3)
