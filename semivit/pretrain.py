@@ -54,7 +54,7 @@ def save_reconstructions(mae, images: torch.Tensor, mean, std, path: Path, seed:
     rows = [images.float() * s + m, masked * s + m, recon * s + m]
     n = images.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.1 * n, 3.5), squeeze=False)
-    for r, (name, batch) in enumerate(zip(("input", "masked", "reconstruction"), rows)):
+    for r, (name, batch) in enumerate(zip(("input", "masked", "reconstruction"), rows, strict=True)):
         for c in range(n):
             img = batch[c].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             axes[r, c].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)

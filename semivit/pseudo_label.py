@@ -74,7 +74,7 @@ def write_pseudo_labels(path, source, index, label, conf, true, is_labeled) -> N
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
-        for i, y, p, t in zip(index.tolist(), label.tolist(), conf.tolist(), true.tolist()):
+        for i, y, p, t in zip(index.tolist(), label.tolist(), conf.tolist(), true.tolist(), strict=True):
             if is_labeled[i]:
                 y, p = int(source.targets[i]), 1.0
             w.writerow([i, source.paths[i], y, f"{p:.4f}", t if t >= 0 else ""])
@@ -85,7 +85,7 @@ def summarize(label: torch.Tensor, conf: torch.Tensor, true: torch.Tensor, class
     known = true >= 0
     out = {
         "num_unlabeled": int(len(label)),
-        "count_per_class": dict(zip(classes, counts)),
+        "count_per_class": dict(zip(classes, counts, strict=True)),
         "mean_confidence": float(conf.mean()) if len(conf) else 0.0,
     }
     if known.any():

@@ -1,6 +1,5 @@
 """The EMA-Teacher math on hand-made tensors."""
 
-import time
 
 import pytest
 import torch

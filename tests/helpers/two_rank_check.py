@@ -39,7 +39,7 @@ def main():
     ema.to(acc.device)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     seen = []
-    for step, ((x_l, y_l, _), (w, s, _, idx)) in enumerate(zip(lab, unl)):
+    for step, ((x_l, y_l, _), (w, s, _, idx)) in enumerate(zip(lab, unl, strict=False)):
         if step == 3:
             break
         seen.append(idx)
