@@ -37,6 +37,7 @@ class Stage:
     upstream: tuple[str, ...]
     run: Callable[[Config], object]
     configure: Callable[[Config], Config] = lambda cfg: cfg  # the settings the stage runs with
+    enabled: Callable[[Config], bool] = lambda cfg: True
 
 
 def _judge_config(cfg: Config) -> Config:
@@ -110,7 +111,7 @@ STAGES: list[Stage] = [
     Stage("semi", ("data", "model", "semi"), "stage1/semi/metrics.json", "stage1/semi", ("finetune",), _run_semi),
     Stage("pseudo-label", ("data", "pseudo_label"), "stage1/pseudo_labels.csv", "", ("semi",), _run_pseudo_label),
     Stage("judge", ("data", "model", "finetune"), "judge/metrics.json", "judge", ("pretrain",),
-          _run_judge, _judge_config),
+          _run_judge, _judge_config, lambda cfg: cfg.pipeline.judge),
     Stage("train-diffusion", ("data", "diffusion"), "stage2/metrics.json", "stage2", ("pseudo-label",),
           _run_train_diffusion),
     Stage("generate", ("data", "generate"), "synthetic/metrics.json", "synthetic", ("train-diffusion",),
@@ -146,6 +147,8 @@ def plan(cfg: Config, start: str | None = None) -> list[tuple[Stage, str]]:
     rerun: set[str] = set()
     forced = False
     for stage in STAGES:
+        if not stage.enabled(cfg):
+            continue
         forced = forced or stage.name == start
         marker = cfg.run_dir / stage.marker
         record = state.get(stage.name, {})
@@ -161,7 +164,7 @@ def plan(cfg: Config, start: str | None = None) -> list[tuple[Stage, str]]:
         else:
             newer = [
                 u for u in stage.upstream
-                if (cfg.run_dir / _by_name(u).marker).exists()
+                if _by_name(u).enabled(cfg) and (cfg.run_dir / _by_name(u).marker).exists()
                 and (cfg.run_dir / _by_name(u).marker).stat().st_mtime > marker.stat().st_mtime
             ]
             if newer:

@@ -10,7 +10,7 @@ import copy
 import logging
 from pathlib import Path
 
-from semivit.config import Config
+from semivit.config import Config, ConfigError
 from semivit.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger("dpt")
@@ -96,13 +96,20 @@ def run_report(cfg: Config) -> dict:
     pl = read_json(pl_file) if pl_file.is_file() else {}
     summary["pseudo_label_acc"] = pl.get("accuracy", pl.get("pseudo_label_acc"))
 
+    # the judge: fid.classifier if set, else this run's ceiling model (pipeline.judge)
+    classifier = cfg.fid.classifier or (str(judge) if (judge / "meta.json").is_file() else "")
     fid_cfg = copy.deepcopy(cfg)
     fid_cfg.fid.real = cfg.fid.real or "test"
     fid_cfg.fid.fake = cfg.fid.fake or str(synthetic)
-    fid_cfg.fid.classifier = cfg.fid.classifier or str(judge)
+    fid_cfg.fid.classifier = classifier
     fid_cfg.fid.out = cfg.fid.out or str(run / "fid.json")
+    if cfg.fid.features == "classifier" and not classifier:
+        raise ConfigError(
+            "fid.features=classifier needs a judge: set pipeline.judge=true, fid.classifier=DIR, "
+            "or fid.features=inception with fid.inception_weights=FILE"
+        )
     fid = run_fid(fid_cfg)
-    acc = synthetic_class_accuracy(fid_cfg.fid.classifier, synthetic)
+    acc = synthetic_class_accuracy(classifier, synthetic) if classifier else {}
     summary.update(
         synthetic_class_acc=acc.get("synthetic_class_acc"),
         synthetic_class_acc_per_class=acc.get("per_class"),

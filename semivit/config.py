@@ -320,22 +320,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file, then the ``key=value`` overrides."""
     cfg = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found (the shipped ones are in configs/)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of settings")
-        data.pop("base", None)
-        _apply(cfg, data)
+        for layer in _read_layers(Path(path)):
+            _apply(cfg, layer)
     if overrides:
         _apply(cfg, parse_overrides(overrides))
     _apply(cfg, to_dict(cfg))  # coerce defaults too (5 -> 5.0 for a float), so saved configs compare equal
     validate(cfg)
     return cfg
+
+
+def _read_layers(path: Path, seen: tuple = ()) -> list[dict]:
+    """The file's settings after those of the files its ``base:`` names (paths relative to it),
+    so an experiment can combine e.g. a Semi-ViT config with a DiT config and change a few keys."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found (the shipped ones are in configs/)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' includes itself through 'base:'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of settings")
+    bases = data.pop("base", None) or []
+    layers: list[dict] = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        layers += _read_layers(path.parent / base, seen + (path.resolve(),))
+    return layers + [data]
 
 
 def validate(cfg: Config) -> None:

@@ -121,3 +121,10 @@ def test_rerun_of_generation_removes_old_images(tmp_path, calls):
     pipeline.run_pipeline(changed)
     assert not old.exists()
     assert calls[-3:] == ["generate", "retrain", "report"]
+
+
+def test_judge_can_be_switched_off(tmp_path, calls):
+    cfg = cfg_for(tmp_path, "pipeline.judge=false")
+    assert "judge" not in names(pipeline.plan(cfg))
+    pipeline.run_pipeline(cfg)
+    assert "judge" not in calls and pipeline.plan(cfg) == []
