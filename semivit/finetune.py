@@ -62,7 +62,7 @@ def run_finetune(
     loader = make_loader(train_ds, fc.batch_size, shuffle=True, cfg=cfg, drop_last=True)
 
     model = build_classifier(cfg, bundle, resolve_init(cfg, init))
-    ema = make_ema(model, fc.ema_decay)
+    ema = make_ema(model, fc.ema_decay, warmup=True)
     opt = make_optimizer(model, fc.lr, fc.weight_decay, fc.layer_decay)
     steps_per_epoch = math.ceil(len(loader) / fc.grad_accum)
     sched = warmup_cosine(opt, int(fc.warmup_epochs * steps_per_epoch), fc.epochs * steps_per_epoch, fc.min_lr / fc.lr)

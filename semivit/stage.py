@@ -60,8 +60,10 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer
     return opt
 
 
-def make_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3:
-    ema = ModelEmaV3(model, decay=decay)
+def make_ema(model: torch.nn.Module, decay: float, warmup: bool = False) -> ModelEmaV3:
+    """EMA copy of ``model``. With ``warmup`` the decay ramps up as 1 - (1 + step)^(-2/3) (capped at
+    ``decay``): a short run from a random or fresh head would otherwise average mostly early weights."""
+    ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
     ema.eval()
     return ema
 
