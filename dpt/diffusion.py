@@ -172,7 +172,14 @@ def make_sampler(train_scheduler_config, sampler: str):
     if sampler == "ddim":
         return DDIMScheduler.from_config(train_scheduler_config)
     if sampler == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(train_scheduler_config, algorithm_type="dpmsolver++")
+        # In pixel space (clip_sample) the predicted clean image is clipped to [-1, 1], as DDPM and
+        # DDIM do: with a cosine schedule alpha_bar(T) ~ 1e-9, so the first x0 estimate amplifies
+        # the model's error ~1e4-fold, and an unclipped data-prediction solver turns it into noise.
+        # (Dynamic thresholding with sample_max_value=1 is exactly that clip.)
+        pixel = bool(dict(train_scheduler_config).get("clip_sample", False))
+        return DPMSolverMultistepScheduler.from_config(
+            train_scheduler_config, algorithm_type="dpmsolver++", thresholding=pixel, sample_max_value=1.0
+        )
     raise DPTError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)} (generate.sampler)")
 
 
