@@ -278,7 +278,8 @@ def check_collapse(stats: dict, num_classes: int, min_share: float, stop: bool, 
     if confident >= num_classes and covered < min_share * num_classes:
         msg = (
             f"pseudo-labels collapsed at epoch {epoch}: confident ones cover only {covered}/{num_classes} classes "
-            f"(histogram {stats['hist_pseudo']}); try a higher semi.tau, a slower teacher (semi.ema_decay) or a longer fine-tuning"
+            f"(histogram {stats['hist_pseudo']}, mask ratio {stats.get('mask_ratio', 0):.2f}); with a low mask ratio lower "
+            "semi.tau, with inaccurate pseudo-labels raise it; a better fine-tuned start (stage 1a) helps both"
         )
         if stop:
             raise RuntimeError(msg + " (semi.stop_on_collapse=true)")
