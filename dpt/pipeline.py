@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from semivit.config import Config, ConfigError, read_saved_config, to_dict
 from semivit.engine import distributed_state
@@ -50,28 +51,14 @@ def _judge_config(cfg: Config) -> Config:
     return judge
 
 
-def _run_pretrain(cfg):
-    from semivit.pretrain import run_pretrain
+def _lazy(module: str, name: str) -> Callable[[Config], object]:
+    """The stage's entry point, imported when the stage runs (a skipped stage costs no import)."""
 
-    return run_pretrain(cfg)
+    def run(cfg: Config):
+        return getattr(importlib.import_module(module), name)(cfg)
 
-
-def _run_finetune(cfg):
-    from semivit.finetune import run_finetune
-
-    return run_finetune(cfg)
-
-
-def _run_semi(cfg):
-    from semivit.semi import run_semi
-
-    return run_semi(cfg)
-
-
-def _run_pseudo_label(cfg):
-    from semivit.pseudo_label import run_pseudo_label
-
-    return run_pseudo_label(cfg)
+    run.__name__ = name
+    return run
 
 
 def _run_judge(cfg):
@@ -80,45 +67,74 @@ def _run_judge(cfg):
     return run_finetune(_judge_config(cfg), out_dir=cfg.run_dir / "judge")
 
 
-def _run_train_diffusion(cfg):
-    from dpt.train_diffusion import run_train_diffusion
-
-    return run_train_diffusion(cfg)
-
-
-def _run_generate(cfg):
-    from dpt.generate import run_generate
-
-    return run_generate(cfg)
-
-
-def _run_retrain(cfg):
-    from dpt.retrain import run_retrain
-
-    return run_retrain(cfg)
-
-
-def _run_report(cfg):
-    from dpt.report import run_report
-
-    return run_report(cfg)
-
-
 STAGES: list[Stage] = [
-    Stage("pretrain", ("data", "model", "pretrain"), "stage0/encoder.safetensors", "stage0", (), _run_pretrain),
-    Stage("finetune", ("data", "model", "finetune"), "stage1/finetune/metrics.json", "stage1/finetune",
-          ("pretrain",), _run_finetune),
-    Stage("semi", ("data", "model", "semi"), "stage1/semi/metrics.json", "stage1/semi", ("finetune",), _run_semi),
-    Stage("pseudo-label", ("data", "pseudo_label"), "stage1/pseudo_labels.csv", "", ("semi",), _run_pseudo_label),
-    Stage("judge", ("data", "model", "finetune"), "judge/metrics.json", "judge", ("pretrain",),
-          _run_judge, _judge_config, lambda cfg: cfg.pipeline.judge),
-    Stage("train-diffusion", ("data", "diffusion"), "stage2/metrics.json", "stage2", ("pseudo-label",),
-          _run_train_diffusion),
-    Stage("generate", ("data", "generate"), "synthetic/metrics.json", "synthetic", ("train-diffusion",),
-          _run_generate),
-    Stage("retrain", ("data", "model", "semi", "retrain"), "stage3/metrics.json", "stage3",
-          ("generate", "semi"), _run_retrain),
-    Stage("report", ("fid",), "summary.json", "", ("retrain", "judge", "generate"), _run_report),
+    Stage(
+        "pretrain",
+        ("data", "model", "pretrain"),
+        "stage0/encoder.safetensors",
+        "stage0",
+        (),
+        _lazy("semivit.pretrain", "run_pretrain"),
+    ),
+    Stage(
+        "finetune",
+        ("data", "model", "finetune"),
+        "stage1/finetune/metrics.json",
+        "stage1/finetune",
+        ("pretrain",),
+        _lazy("semivit.finetune", "run_finetune"),
+    ),
+    Stage(
+        "semi",
+        ("data", "model", "semi"),
+        "stage1/semi/metrics.json",
+        "stage1/semi",
+        ("finetune",),
+        _lazy("semivit.semi", "run_semi"),
+    ),
+    Stage(
+        "pseudo-label",
+        ("data", "pseudo_label"),
+        "stage1/pseudo_labels.csv",
+        "",
+        ("semi",),
+        _lazy("semivit.pseudo_label", "run_pseudo_label"),
+    ),
+    Stage(
+        "judge",
+        ("data", "model", "finetune"),
+        "judge/metrics.json",
+        "judge",
+        ("pretrain",),
+        _run_judge,
+        _judge_config,
+        lambda cfg: cfg.pipeline.judge,
+    ),
+    Stage(
+        "train-diffusion",
+        ("data", "diffusion"),
+        "stage2/metrics.json",
+        "stage2",
+        ("pseudo-label",),
+        _lazy("dpt.train_diffusion", "run_train_diffusion"),
+    ),
+    Stage(
+        "generate",
+        ("data", "generate"),
+        "synthetic/metrics.json",
+        "synthetic",
+        ("train-diffusion",),
+        _lazy("dpt.generate", "run_generate"),
+    ),
+    Stage(
+        "retrain",
+        ("data", "model", "semi", "retrain"),
+        "stage3/metrics.json",
+        "stage3",
+        ("generate", "semi"),
+        _lazy("dpt.retrain", "run_retrain"),
+    ),
+    Stage("report", ("fid",), "summary.json", "", ("retrain", "judge", "generate"), _lazy("dpt.report", "run_report")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -163,8 +179,10 @@ def plan(cfg: Config, start: str | None = None) -> list[tuple[Stage, str]]:
             reason = "an input is rerun"
         else:
             newer = [
-                u for u in stage.upstream
-                if _by_name(u).enabled(cfg) and (cfg.run_dir / _by_name(u).marker).exists()
+                u
+                for u in stage.upstream
+                if _by_name(u).enabled(cfg)
+                and (cfg.run_dir / _by_name(u).marker).exists()
                 and (cfg.run_dir / _by_name(u).marker).stat().st_mtime > marker.stat().st_mtime
             ]
             if newer:
@@ -241,4 +259,3 @@ def run_pipeline(cfg: Config, start: str | None = None) -> dict:
 
 def stage_seconds(cfg: Config) -> dict:
     return {k: v.get("seconds") for k, v in _load_state(cfg).items() if isinstance(v, dict)}
-

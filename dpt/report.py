@@ -49,8 +49,9 @@ def format_table(summary: dict) -> str:
         lines.append(f"{label:<58} {_fmt(summary.get(key)):>8}")
     lines.append("-" * 67)
     lines.append(f"{'pseudo-label accuracy (unlabeled images)':<58} {_fmt(summary.get('pseudo_label_acc')):>8}")
-    lines.append(f"{'synthetic class accuracy (judged by the ceiling model)':<58} "
-                 f"{_fmt(summary.get('synthetic_class_acc')):>8}")
+    lines.append(
+        f"{'synthetic class accuracy (judged by the ceiling model)':<58} {_fmt(summary.get('synthetic_class_acc')):>8}"
+    )
     fid = summary.get("fid")
     lines.append(f"{'FID (' + str(summary.get('fid_features')) + ')':<58} {_fmt(fid, pct=False):>8}")
     return "\n".join(lines)
@@ -164,9 +165,9 @@ def render_report(cfg: Config, summary: dict) -> str:
             images.append(f"### {caption}\n\n![{caption}]({rel})\n")
     return f"""# DPT run `{cfg.name}`
 
-Data: `{cfg.data.name}`, {summary.get('num_labeled')} labeled training images
+Data: `{cfg.data.name}`, {summary.get("num_labeled")} labeled training images
 ({cfg.data.labels_per_class} per class unless data.label_percent / data.label_csv say otherwise),
-held-out split of {summary.get('num_test')} images. Model: `{cfg.model.name}`. Seed {cfg.seed}.
+held-out split of {summary.get("num_test")} images. Model: `{cfg.model.name}`. Seed {cfg.seed}.
 Each top-1 is the final EMA model of its stage on the held-out split.
 
 | classifier | top-1 % |
@@ -174,9 +175,9 @@ Each top-1 is the final EMA model of its stage on the held-out split.
 {rows}
 | synthetic data | value |
 |---|---|
-| pseudo-label accuracy on the unlabeled images | {_fmt(summary.get('pseudo_label_acc'))} % |
-| synthetic class accuracy (ceiling model as judge) | {_fmt(summary.get('synthetic_class_acc'))} % |
-| FID, features `{summary.get('fid_features')}`, {summary.get('fid_num_real')} real (held-out) vs {summary.get('fid_num_fake')} synthetic | {_fmt(summary.get('fid'), pct=False)} |
+| pseudo-label accuracy on the unlabeled images | {_fmt(summary.get("pseudo_label_acc"))} % |
+| synthetic class accuracy (ceiling model as judge) | {_fmt(summary.get("synthetic_class_acc"))} % |
+| FID, features `{summary.get("fid_features")}`, {summary.get("fid_num_real")} real (held-out) vs {summary.get("fid_num_fake")} synthetic | {_fmt(summary.get("fid"), pct=False)} |
 
 ## Per-class top-1 %
 
