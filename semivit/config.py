@@ -75,7 +75,7 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 100
+    epochs: int = 300
     batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-6
@@ -89,7 +89,7 @@ class FinetuneConfig:
     clip_grad: float = 0.0
     amp: str = "no"
     grad_accum: int = 1
-    eval_every: int = 10  # epochs between evaluations on the held-out split (0: only at the end)
+    eval_every: int = 50  # epochs between evaluations on the held-out split (0: only at the end)
 
 
 @dataclass
@@ -100,7 +100,7 @@ class SemiConfig:
     tau: float = 0.7
     lambda_u: float = 5.0
     teacher: str = "ema"  # ema (EMA-Teacher) | student (FixMatch)
-    ema_decay: float = 0.99  # 0.9999 at ImageNet scale; a few hundred steps need a faster teacher
+    ema_decay: float = 0.999  # 0.9999 at ImageNet scale; a few hundred steps need a faster teacher
     pseudo_mixup: bool = True
     pseudo_mixup_cutmix_prob: float = 0.5
     lr: float = 5e-4
