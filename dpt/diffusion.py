@@ -65,8 +65,9 @@ def build_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, sampl
                 f"diffusion.unet_channels has {levels} levels, so the input size must be divisible by "
                 f"{2 ** (levels - 1)} (got {sample_size}); drop a level or change diffusion.image_size"
             )
-        down = ("DownBlock2D",) + ("AttnDownBlock2D",) * (levels - 1)
-        up = ("AttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
+        attn = min(max(0, dcfg.unet_attention_levels), levels)
+        down = ("DownBlock2D",) * (levels - attn) + ("AttnDownBlock2D",) * attn
+        up = ("AttnUpBlock2D",) * attn + ("UpBlock2D",) * (levels - attn)
         model = UNet2DModel(
             sample_size=sample_size,
             in_channels=channels,
@@ -74,7 +75,7 @@ def build_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, sampl
             block_out_channels=chans,
             down_block_types=down,
             up_block_types=up,
-            layers_per_block=2,
+            layers_per_block=dcfg.unet_layers_per_block,
             num_class_embeds=num_classes + 1,  # row K: the null label
             norm_num_groups=min(32, min(chans)),
         )

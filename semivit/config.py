@@ -136,6 +136,8 @@ class DiffusionConfig:
     depth: int = 4
     num_heads: int = 4
     unet_channels: list = field(default_factory=lambda: [64, 128, 128])
+    unet_layers_per_block: int = 1
+    unet_attention_levels: int = 1  # self-attention in the lowest N resolutions of the UNet
     vae: str = ""  # local AutoencoderKL folder: train in its latent space
     labels: str = "auto"  # auto (this run's pseudo_labels.csv) | true | PATH to a labels CSV
     min_confidence: float = 0.0
