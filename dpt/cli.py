@@ -38,7 +38,7 @@ def _fid(cfg):
 
         if (Path(fake) / "manifest.csv").is_file():
             acc = synthetic_class_accuracy(cfg.fid.classifier, fake)
-            print(f"synthetic class accuracy {acc['synthetic_class_acc']:.4f} ({acc['num_images']} images)")
+            print(f"synthetic class accuracy {acc['synthetic_class_acc']:.2f} % ({acc['num_images']} images)")
     return result
 
 

@@ -272,9 +272,9 @@ def synthetic_class_accuracy(classifier_dir: str | Path, synthetic_dir: str | Pa
     loader = DataLoader(_Images(src, range(len(src)), tf), batch_size=batch_size)
     preds = torch.cat([model(x).argmax(1) for x in loader]).numpy()
     correct = preds == src.targets
-    per_class = {classes[c]: float(correct[src.targets == c].mean()) for c in np.unique(src.targets)}
+    per_class = {classes[c]: 100.0 * float(correct[src.targets == c].mean()) for c in np.unique(src.targets)}
     return {
-        "synthetic_class_acc": float(correct.mean()),
+        "synthetic_class_acc": 100.0 * float(correct.mean()),  # percent, like every accuracy here
         "per_class": per_class,
         "num_images": int(len(src)),
         "classifier": str(classifier_dir),

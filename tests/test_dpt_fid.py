@@ -114,8 +114,8 @@ def test_synthetic_class_accuracy(tmp_path):
     clf = make_classifier(tmp_path / "clf", classes, favour=2)
     syn = make_synthetic(tmp_path / "syn", ["c", "a"], 6)  # manifest names map onto the classifier's ids
     acc = synthetic_class_accuracy(clf, syn)
-    assert acc["synthetic_class_acc"] == pytest.approx(0.5)
-    assert acc["per_class"] == {"a": 0.0, "c": 1.0} and acc["num_images"] == 12
+    assert acc["synthetic_class_acc"] == pytest.approx(50.0)
+    assert acc["per_class"] == {"a": 0.0, "c": 100.0} and acc["num_images"] == 12
     other = make_synthetic(tmp_path / "other", ["zebra"], 2)
     with pytest.raises(DPTError, match="zebra"):
         synthetic_class_accuracy(clf, other)
