@@ -6,7 +6,7 @@ extra training alone is not mistaken for the effect of the synthetic data), and 
 guidance scales at the default K. Prints a table of top-1 (final EMA model, 1000 test images) with
 mean and spread over seeds, and writes it as JSON.
 
-    python benchmarks/bench_dpt.py --seeds 0 1 2 --ks 0 50 100 200
+    python benchmarks/bench_dpt.py --seeds 0 1 2 --ks 0 50 100 200 [--guidance 1 4]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def top1(folder: Path) -> float:
 
 
 def bench_seed(args, seed: int) -> dict:
-    run = Path(args.out) / f"seed{seed}"
+    run = Path(args.out) / f"{args.name}_seed{seed}"
     cfg = load_config(args.config, [f"output_dir={run}", f"seed={seed}", *args.overrides])
     t0 = time.time()
     summary = run_pipeline(cfg)
@@ -79,7 +79,8 @@ def bench_seed(args, seed: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mnist5k.yaml")
-    p.add_argument("--out", default="runs/bench_dpt")
+    p.add_argument("--out", default="runs", help="runs go to OUT/NAME_seedS (an existing run is reused)")
+    p.add_argument("--name", default="mnist5k")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ks", type=int, nargs="+", default=[0, 50, 100, 200])
     p.add_argument("--guidance", type=float, nargs="*", default=[], help="extra guidance scales at the default K")
@@ -95,7 +96,7 @@ def main() -> None:
         cells = " ".join(f"{v * scale:7.2f}" if isinstance(v, (int, float)) else "      -" for v in vals)
         spread = f"{statistics.mean(nums) * scale:7.2f} ± {statistics.stdev(nums) * scale:.2f}" if len(nums) > 1 else ""
         print(f"{k:<24} {cells}   {spread}")
-    atomic_write_json(Path(args.out) / "results.json", rows)
+    atomic_write_json(Path(args.out) / f"{args.name}_bench_dpt.json", rows)
     print(json.dumps(rows, indent=1))
 
 
