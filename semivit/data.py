@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -295,7 +295,7 @@ def load_label_split(path: str | Path, source: ImageSource) -> np.ndarray:
             "it was made for another data set"
         )
     if "path" in rows[0]:
-        wrong = [r["path"] for r, i in zip(rows, idx) if r["path"] and r["path"] != source.paths[i]]
+        wrong = [r["path"] for r, i in zip(rows, idx, strict=True) if r["path"] and r["path"] != source.paths[i]]
         if wrong:
             raise DataError(
                 f"label split file '{path}': {len(wrong)} paths differ from the data set at the same index "

@@ -175,10 +175,10 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    for ax, key in zip(axes.flat, keys, strict=False):
         pts = [(h["epoch"], h[key]) for h in history if key in h and isinstance(h[key], (int, float))]
         if pts:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+            ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 50 else None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
