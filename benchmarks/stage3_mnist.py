@@ -6,7 +6,7 @@ extra training alone is not mistaken for the effect of the synthetic data), and 
 guidance scales at the default K. Prints a table of top-1 (final EMA model, 1000 test images) with
 mean and spread over seeds, and writes it as JSON.
 
-    python benchmarks/bench_dpt.py --seeds 0 1 2 --ks 0 50 100 200 [--guidance 1 4]
+    python benchmarks/stage3_mnist.py --seeds 0 1 2 --ks 0 50 100 200 [--guidance 1 4]
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
         cells = " ".join(f"{v * scale:7.2f}" if isinstance(v, (int, float)) else "      -" for v in vals)
         spread = f"{statistics.mean(nums) * scale:7.2f} ± {statistics.stdev(nums) * scale:.2f}" if len(nums) > 1 else ""
         print(f"{k:<24} {cells}   {spread}")
-    atomic_write_json(Path(args.out) / f"{args.name}_bench_dpt.json", rows)
+    atomic_write_json(Path(args.out) / f"{args.name}_stage3_bench.json", rows)
     print(json.dumps(rows, indent=1))
 
 
