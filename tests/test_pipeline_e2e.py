@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpt.pipeline import STAGE_NAMES, plan, run_pipeline
+from dpt.retrain import run_retrain
 from semivit.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,12 @@ def test_pipeline_end_to_end_skip_and_from(tmp_path):
     run_pipeline(changed)
     assert (cfg.run_dir / "stage1" / "semi" / "metrics.json").stat().st_mtime == before
     check_contracts(cfg.run_dir)
+
+    # Classification Accuracy Score: a classifier trained on the synthetic images alone
+    cas = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "retrain.synthetic_only=true", "retrain.init=stage0"])
+    out = run_retrain(cas, out_dir=tmp_path / "cas")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_labeled"] == 40 and metrics["num_test"] == 80
 
 
 def test_pipeline_on_two_cpu_ranks(tmp_path):
