@@ -120,7 +120,9 @@ def run_pretrain(cfg: Config) -> Path:
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(mae)
         save_weights(model.encoder.state_dict(), stage_dir / "encoder.safetensors", {"model": cfg.model.name})
-        sample = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(accelerator.device)
+        # spread over the data set (class-sorted sources would otherwise show one class)
+        show = np.linspace(0, len(dataset) - 1, min(8, len(dataset))).astype(int)
+        sample = torch.stack([dataset[int(i)][0] for i in show]).to(accelerator.device)
         save_reconstructions(model, sample, bundle.mean, bundle.std, stage_dir / "reconstruction.png", cfg.seed)
         write_metrics(
             stage_dir,
