@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -56,6 +58,10 @@ def bench_seed(args, seed: int) -> dict:
         gcfg.generate.num_per_class = need
         gcfg.generate.guidance_scale = w
         gcfg.generate.out = str(bench / f"synthetic_w{w:g}")
+        own = run / "synthetic"
+        if w == cfg.generate.guidance_scale and own.is_dir() and not Path(gcfg.generate.out).exists():
+            # same model, seeds and settings: the run's own images are the first ones of this set
+            shutil.copytree(own, gcfg.generate.out, copy_function=os.link)
         if need > 0:
             run_generate(gcfg)  # resumable: images already written are kept
         ks = args.ks if w == cfg.generate.guidance_scale else [cfg.generate.num_per_class]
