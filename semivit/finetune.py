@@ -29,7 +29,9 @@ from semivit.stage import (
     make_ema,
     make_loader,
     make_optimizer,
+    optimizer_step,
     resolve_init,
+    update_ema,
 )
 
 logger = logging.getLogger("semivit")
@@ -90,14 +92,8 @@ def run_finetune(
                 with accelerator.autocast():
                     loss = criterion(model(images), labels)
                 accelerator.backward(loss)
-                if fc.clip_grad > 0 and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), fc.clip_grad)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                ema.update(accelerator.unwrap_model(model), step=state.step)
-                state.step += 1
+                optimizer_step(accelerator, model, opt, sched, fc.clip_grad)
+            update_ema(accelerator, model, ema, state)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}; lower finetune.lr")
             total += loss.detach()

@@ -34,6 +34,8 @@ from semivit.stage import (
     make_ema,
     make_loader,
     make_optimizer,
+    optimizer_step,
+    update_ema,
 )
 
 logger = logging.getLogger("semivit")
@@ -163,15 +165,8 @@ def run_semi(
                         step_in_epoch += 1
                         continue
                     accelerator.backward(losses[0])
-                    if sc.clip_grad > 0 and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), sc.clip_grad)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    # the teacher follows every optimizer step
-                    ema.update(accelerator.unwrap_model(model), step=state.step)
-                    state.step += 1
+                    optimizer_step(accelerator, model, opt, sched, sc.clip_grad)
+                update_ema(accelerator, model, ema, state)  # the teacher follows every optimizer step
                 sums += torch.stack([x.detach().float() for x in losses])
                 masks.append(conf_mask)
                 hards.append(hard)

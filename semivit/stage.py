@@ -137,3 +137,19 @@ class Timer:
     @property
     def seconds(self) -> float:
         return self.before + time.time() - self.start
+
+
+def optimizer_step(accelerator, model, opt, sched, clip_grad: float) -> None:
+    """After ``backward``: clip (when set, on the accumulation step that syncs), step, schedule, zero."""
+    if clip_grad > 0 and accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def update_ema(accelerator, model, ema, state) -> None:
+    """The EMA (the teacher in the semi stage) follows every optimizer step, not every micro-batch."""
+    if accelerator.sync_gradients:
+        ema.update(accelerator.unwrap_model(model), step=state.step)
+        state.step += 1
