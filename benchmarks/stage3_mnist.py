@@ -98,7 +98,7 @@ def main() -> None:
     for k in keys:
         vals = [r.get(k) for r in rows]
         nums = [v for v in vals if isinstance(v, (int, float))]
-        scale = 100 if (k.startswith(("dpt", "sup", "semi", "ceil", "synth"))) else 1
+        scale = 1  # accuracies are already in percent
         cells = " ".join(f"{v * scale:7.2f}" if isinstance(v, (int, float)) else "      -" for v in vals)
         spread = f"{statistics.mean(nums) * scale:7.2f} ± {statistics.stdev(nums) * scale:.2f}" if len(nums) > 1 else ""
         print(f"{k:<24} {cells}   {spread}")
