@@ -98,9 +98,8 @@ def main() -> None:
     for k in keys:
         vals = [r.get(k) for r in rows]
         nums = [v for v in vals if isinstance(v, (int, float))]
-        scale = 1  # accuracies are already in percent
-        cells = " ".join(f"{v * scale:7.2f}" if isinstance(v, (int, float)) else "      -" for v in vals)
-        spread = f"{statistics.mean(nums) * scale:7.2f} ± {statistics.stdev(nums) * scale:.2f}" if len(nums) > 1 else ""
+        cells = " ".join(f"{v:7.2f}" if isinstance(v, (int, float)) else "      -" for v in vals)
+        spread = f"{statistics.mean(nums):7.2f} ± {statistics.stdev(nums):.2f}" if len(nums) > 1 else ""
         print(f"{k:<24} {cells}   {spread}")
     atomic_write_json(Path(args.out) / f"{args.name}_stage3_bench.json", rows)
     print(json.dumps(rows, indent=1))
