@@ -39,6 +39,9 @@ class Stage:
     run: Callable[[Config], object]
     configure: Callable[[Config], Config] = lambda cfg: cfg  # the settings the stage runs with
     enabled: Callable[[Config], bool] = lambda cfg: True
+    # a stage whose resume keeps every file already in its folder (generation) must start from an
+    # empty folder when its settings change; the others only drop their resumable state
+    resumes_from_outputs: bool = False
 
 
 def _judge_config(cfg: Config) -> Config:
@@ -125,6 +128,7 @@ STAGES: list[Stage] = [
         "synthetic",
         ("train-diffusion",),
         _lazy("dpt.generate", "run_generate"),
+        resumes_from_outputs=True,
     ),
     Stage(
         "retrain",
@@ -218,7 +222,7 @@ def _clear(cfg: Config, stage: Stage, record: dict, fp: str) -> None:
         marker.unlink()
     if stage.folder and (cfg.run_dir / stage.folder).exists():
         shutil.rmtree(cfg.run_dir / stage.folder / "checkpoints", ignore_errors=True)
-        if stage.name == "generate":  # existing images would be kept by generation's resume
+        if stage.resumes_from_outputs:
             shutil.rmtree(cfg.run_dir / stage.folder, ignore_errors=True)
 
 

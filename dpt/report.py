@@ -35,7 +35,7 @@ def _metrics(run: Path, rel: str) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def _fmt(x, pct: bool = True) -> str:
+def _fmt(x) -> str:
     if x is None:
         return "-"
     return f"{x:.2f}"
@@ -53,7 +53,7 @@ def format_table(summary: dict) -> str:
         f"{'synthetic class accuracy (judged by the ceiling model)':<58} {_fmt(summary.get('synthetic_class_acc')):>8}"
     )
     fid = summary.get("fid")
-    lines.append(f"{'FID (' + str(summary.get('fid_features')) + ')':<58} {_fmt(fid, pct=False):>8}")
+    lines.append(f"{'FID (' + str(summary.get('fid_features')) + ')':<58} {_fmt(fid):>8}")
     return "\n".join(lines)
 
 
@@ -177,7 +177,7 @@ Each top-1 is the final EMA model of its stage on the held-out split.
 |---|---|
 | pseudo-label accuracy on the unlabeled images | {_fmt(summary.get("pseudo_label_acc"))} % |
 | synthetic class accuracy (ceiling model as judge) | {_fmt(summary.get("synthetic_class_acc"))} % |
-| FID, features `{summary.get("fid_features")}`, {summary.get("fid_num_real")} real (held-out) vs {summary.get("fid_num_fake")} synthetic | {_fmt(summary.get("fid"), pct=False)} |
+| FID, features `{summary.get("fid_features")}`, {summary.get("fid_num_real")} real (held-out) vs {summary.get("fid_num_fake")} synthetic | {_fmt(summary.get("fid"))} |
 
 ## Per-class top-1 %
 

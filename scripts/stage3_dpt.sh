@@ -7,4 +7,4 @@ usage_check "$@"
 CONFIG=$1; shift
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then NPROC=$1; shift; fi
 launch dpt retrain --config "$CONFIG" "$@"
-launch dpt run --config "$CONFIG" "$@"   # every stage is done by now: this only evaluates and reports
+launch dpt run --config "$CONFIG" "$@"   # stages 0-3 are done by now: this trains the judge if missing and reports
