@@ -7,6 +7,9 @@ guidance scales at the default K. Prints a table of top-1 (final EMA model, 1000
 mean and spread over seeds, and writes it as JSON.
 
     python benchmarks/stage3_mnist.py --seeds 0 1 2 --ks 0 50 100 200 [--guidance 1 4]
+
+Fewer labels: `--name mnist5k_l2 --reuse mnist5k data.labels_per_class=2` takes stage 0 (MAE) and
+the judge, which do not depend on the labeled split, from runs/mnist5k_seedS (hard links).
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def top1(folder: Path) -> float:
 def bench_seed(args, seed: int) -> dict:
     run = Path(args.out) / f"{args.name}_seed{seed}"
     cfg = load_config(args.config, [f"output_dir={run}", f"seed={seed}", *args.overrides])
+    if args.reuse:
+        source = Path(args.out) / f"{args.reuse}_seed{seed}"
+        for folder in ("stage0", "judge"):
+            if (source / folder).is_dir() and not (run / folder).exists():
+                shutil.copytree(source / folder, run / folder, copy_function=os.link)
     t0 = time.time()
     summary = run_pipeline(cfg)
     row = {
@@ -89,6 +97,7 @@ def main() -> None:
     p.add_argument("--name", default="mnist5k")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ks", type=int, nargs="+", default=[0, 50, 100, 200])
+    p.add_argument("--reuse", default="", help="take stage 0 and the judge from OUT/REUSE_seedS (same seed)")
     p.add_argument("--guidance", type=float, nargs="*", default=[], help="extra guidance scales at the default K")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args()

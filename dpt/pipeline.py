@@ -25,8 +25,9 @@ from semivit.io import atomic_write_json, read_json
 
 logger = logging.getLogger("dpt")
 
-# settings that never change a stage's result
-_NEUTRAL = {"name", "output_dir", "resume", "tensorboard", "checkpoint"}
+# the keys that draw the labeled split: stages that see no label (MAE) or every label (the judge)
+# ignore them, so a run with another label count keeps its stage 0 and its judge
+_SPLIT_KEYS = ("labels_per_class", "label_percent", "label_csv")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Stage:
     # a stage whose resume keeps every file already in its folder (generation) must start from an
     # empty folder when its settings change; the others only drop their resumable state
     resumes_from_outputs: bool = False
+    split_free: bool = False  # the result does not depend on which images are labeled
 
 
 def _judge_config(cfg: Config) -> Config:
@@ -78,6 +80,7 @@ STAGES: list[Stage] = [
         "stage0",
         (),
         _lazy("semivit.pretrain", "run_pretrain"),
+        split_free=True,
     ),
     Stage(
         "finetune",
@@ -112,6 +115,7 @@ STAGES: list[Stage] = [
         _run_judge,
         _judge_config,
         lambda cfg: cfg.pipeline.judge,
+        split_free=True,
     ),
     Stage(
         "train-diffusion",
@@ -146,6 +150,8 @@ STAGE_NAMES = [s.name for s in STAGES]
 def fingerprint(cfg: Config, stage: Stage, configured: bool = False) -> str:
     d = to_dict(cfg if configured else stage.configure(cfg))
     relevant = {"seed": d["seed"], **{s: d[s] for s in stage.sections}}
+    if stage.split_free:
+        relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in _SPLIT_KEYS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -128,3 +128,13 @@ def test_judge_can_be_switched_off(tmp_path, calls):
     assert "judge" not in names(pipeline.plan(cfg))
     pipeline.run_pipeline(cfg)
     assert "judge" not in calls and pipeline.plan(cfg) == []
+
+
+def test_another_label_split_keeps_stage0_and_the_judge(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    todo = names(pipeline.plan(cfg_for(tmp_path, "data.labels_per_class=2")))
+    assert "pretrain" not in todo and "judge" not in todo
+    assert todo[0] == "finetune" and todo[-1] == "report"
+    # a data setting that is not the split still reruns everything
+    assert names(pipeline.plan(cfg_for(tmp_path, "data.randaug_magnitude=3")))[:1] == ["pretrain"]
