@@ -101,8 +101,11 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="*", default=[], help="extra guidance scales at the default K")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args()
-    rows = [bench_seed(args, s) for s in args.seeds]
-    keys = [k for k in rows[0] if k != "seed"]
+    rows = []
+    for s in args.seeds:
+        rows.append(bench_seed(args, s))
+        atomic_write_json(Path(args.out) / f"{args.name}_stage3_bench.json", rows)  # a seed at a time
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "seed"))
     print(f"\n{'metric':<24} " + " ".join(f"seed{r['seed']:>3}" for r in rows) + "   mean ± sd")
     for k in keys:
         vals = [r.get(k) for r in rows]
@@ -110,7 +113,6 @@ def main() -> None:
         cells = " ".join(f"{v:7.2f}" if isinstance(v, (int, float)) else "      -" for v in vals)
         spread = f"{statistics.mean(nums):7.2f} ± {statistics.stdev(nums):.2f}" if len(nums) > 1 else ""
         print(f"{k:<24} {cells}   {spread}")
-    atomic_write_json(Path(args.out) / f"{args.name}_stage3_bench.json", rows)
     print(json.dumps(rows, indent=1))
 
 
