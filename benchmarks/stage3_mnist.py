@@ -8,7 +8,7 @@ mean and spread over seeds, and writes it as JSON.
 
     python benchmarks/stage3_mnist.py --seeds 0 1 2 --ks 0 50 100 200 [--guidance 1 4]
 
-Fewer labels: `--name mnist5k_l2 --reuse mnist5k data.labels_per_class=2` takes stage 0 (MAE) and
+Fewer labels: `data.labels_per_class=2 --name mnist5k_l2 --reuse mnist5k` (overrides first) takes stage 0 (MAE) and
 the judge, which do not depend on the labeled split, from runs/mnist5k_seedS (hard links).
 """
 
