@@ -92,6 +92,41 @@ def bench_seed(args, seed: int) -> dict:
     return row
 
 
+def plot_k_sweep(rows: list[dict], ks: list[int], guidance: float, path: Path) -> None:
+    """Top-1 against K (synthetic images per class): each seed, and the mean with its spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def value(r, k):
+        v = r.get(f"dpt_k{k}_w{guidance:g}")
+        return v if isinstance(v, (int, float)) else None
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in rows:
+        pts = [k for k in ks if value(r, k) is not None]
+        if pts:
+            ax.plot(pts, [value(r, k) for k in pts], "o-", alpha=0.35, label=f"seed {r['seed']}")
+    means = [(k, [value(r, k) for r in rows if value(r, k) is not None]) for k in ks]
+    means = [(k, v) for k, v in means if v]
+    if means:
+        ax.errorbar(
+            [k for k, _ in means], [statistics.mean(v) for _, v in means],
+            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in means], fmt="s-", color="k", capsize=3, label="mean ± sd",
+        )
+    semivit = [r["semivit"] for r in rows if isinstance(r.get("semivit"), (int, float))]
+    if semivit:
+        ax.axhline(statistics.mean(semivit), ls="--", color="gray", label="Semi-ViT (stage 1)")
+    ax.set_xlabel("synthetic images per class (K)")
+    ax.set_ylabel("top-1 % (EMA), 1000 test images")
+    ax.set_title(f"stage 3 on real + K synthetic, guidance {guidance:g}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mnist5k.yaml")
@@ -115,6 +150,10 @@ def main() -> None:
         cells = " ".join(f"{v:7.2f}" if isinstance(v, (int, float)) else "      -" for v in vals)
         spread = f"{statistics.mean(nums):7.2f} ± {statistics.stdev(nums):.2f}" if len(nums) > 1 else ""
         print(f"{k:<24} {cells}   {spread}")
+    guidance = load_config(args.config, list(args.overrides)).generate.guidance_scale
+    png = Path(args.out) / f"{args.name}_stage3_bench.png"
+    plot_k_sweep(rows, sorted(args.ks), guidance, png)
+    print(f"plot: {png}")
     print(json.dumps(rows, indent=1))
 
 
