@@ -65,7 +65,12 @@ def build_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, sampl
                 f"diffusion.unet_channels has {levels} levels, so the input size must be divisible by "
                 f"{2 ** (levels - 1)} (got {sample_size}); drop a level or change diffusion.image_size"
             )
-        attn = min(max(0, dcfg.unet_attention_levels), levels)
+        attn = dcfg.unet_attention_levels
+        if not 0 <= attn <= levels or dcfg.unet_layers_per_block < 1:
+            raise DPTError(
+                f"diffusion.unet_attention_levels must be 0..{levels} (the levels of diffusion.unet_channels; got "
+                f"{attn}) and diffusion.unet_layers_per_block >= 1 (got {dcfg.unet_layers_per_block})"
+            )
         down = ("DownBlock2D",) * (levels - attn) + ("AttnDownBlock2D",) * attn
         up = ("AttnUpBlock2D",) * attn + ("UpBlock2D",) * (levels - attn)
         model = UNet2DModel(

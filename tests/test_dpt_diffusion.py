@@ -93,6 +93,16 @@ def test_null_label_is_k(k, kind):
         denoiser_forward(model, x, t, torch.tensor([k + 1, 0]))
 
 
+def test_unet_attention_levels_place_attention_at_the_lowest_resolutions():
+    model = build_denoiser(tiny_cfg(model="unet", unet_attention_levels=1), 3, channels=1, sample_size=8)
+    assert [type(b).__name__ for b in model.down_blocks] == ["DownBlock2D", "AttnDownBlock2D"]
+    plain = build_denoiser(tiny_cfg(model="unet", unet_attention_levels=0), 3, channels=1, sample_size=8)
+    assert not any("Attn" in type(b).__name__ for b in plain.down_blocks + plain.up_blocks)
+    for bad in (dict(unet_attention_levels=3), dict(unet_attention_levels=-1), dict(unet_layers_per_block=0)):
+        with pytest.raises(DPTError, match="unet_attention_levels"):
+            build_denoiser(tiny_cfg(model="unet", **bad), 3, channels=1, sample_size=8)
+
+
 def test_no_internal_label_dropout_in_train_mode():
     torch.manual_seed(0)
     model = build_denoiser(tiny_cfg(), 5, channels=1, sample_size=8)
