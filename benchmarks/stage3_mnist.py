@@ -44,6 +44,9 @@ def bench_seed(args, seed: int) -> dict:
     cfg = load_config(args.config, [f"output_dir={run}", f"seed={seed}", *args.overrides])
     if args.reuse:
         source = Path(args.out) / f"{args.reuse}_seed{seed}"
+        if not (source / "stage0" / "encoder.safetensors").is_file():
+            sys.exit(f"--reuse {args.reuse}: '{source}/stage0/encoder.safetensors' not found; run that pipeline "
+                     f"for seed {seed} first, or leave out --reuse")
         for folder in ("stage0", "judge"):
             if (source / folder).is_dir() and not (run / folder).exists():
                 shutil.copytree(source / folder, run / folder, copy_function=os.link)
@@ -138,10 +141,13 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="*", default=[], help="extra guidance scales at the default K")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args()
-    rows = []
+    # results accumulate per seed across invocations (a guidance sweep adds keys to a K sweep's rows)
+    out_json = Path(args.out) / f"{args.name}_stage3_bench.json"
+    merged = {r["seed"]: r for r in (read_json(out_json) if out_json.is_file() else [])}
     for s in args.seeds:
-        rows.append(bench_seed(args, s))
-        atomic_write_json(Path(args.out) / f"{args.name}_stage3_bench.json", rows)  # a seed at a time
+        merged[s] = {**merged.get(s, {}), **bench_seed(args, s)}
+        atomic_write_json(out_json, [merged[k] for k in sorted(merged)])  # a seed at a time
+    rows = [merged[k] for k in sorted(merged)]
     keys = list(dict.fromkeys(k for r in rows for k in r if k != "seed"))
     print(f"\n{'metric':<24} " + " ".join(f"seed{r['seed']:>3}" for r in rows) + "   mean ± sd")
     for k in keys:
@@ -152,7 +158,8 @@ def main() -> None:
         print(f"{k:<24} {cells}   {spread}")
     guidance = load_config(args.config, list(args.overrides)).generate.guidance_scale
     png = Path(args.out) / f"{args.name}_stage3_bench.png"
-    plot_k_sweep(rows, sorted(args.ks), guidance, png)
+    ks = sorted({int(k.split("_")[1][1:]) for r in rows for k in r if k.startswith("dpt_k") and k.endswith(f"_w{guidance:g}")})
+    plot_k_sweep(rows, ks, guidance, png)
     print(f"plot: {png}")
     print(json.dumps(rows, indent=1))
 

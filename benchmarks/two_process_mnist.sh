@@ -13,6 +13,10 @@ SEED=${1:-0}
 NPROC=${2:-2}
 BIN=""; [ -x .venv/bin/python ] && BIN=.venv/bin/
 OUT=runs/mnist5k_${NPROC}proc_seed$SEED
+if ! [[ "$NPROC" =~ ^[0-9]+$ ]] || [ "$NPROC" -lt 1 ] || [ $(( 16 % NPROC )) -ne 0 ]; then
+  echo "NPROC '$NPROC': must divide the config's batch sizes (16, 32, 128): use 1, 2, 4, 8 or 16" >&2
+  exit 2
+fi
 per_proc() { echo $(( $1 / NPROC )); }
 start=$(date +%s)
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ACCELERATE_USE_CPU=1 "${BIN}accelerate" launch --multi_gpu \
