@@ -124,15 +124,22 @@ def expand_overrides(command: str, overrides: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = COMMANDS[args.command][0]
+    ok = False
     try:
         cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
         if args.command == "run":
             run(cfg, start=args.start)
         else:
             run(cfg)
+        ok = True
     except (ConfigError, DataError, DPTError, FileNotFoundError) as e:
         print(f"dpt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "torch" in sys.modules:  # no torch, no process group (and no slow import for an error)
+            from semivit.engine import leave_process_group
+
+            leave_process_group(ok)
     return 0
 
 

@@ -66,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     from semivit.data import DataError
     from semivit.stage import StopRequested
 
+    ok = False
     try:
         config = args.config
         if config is None and Path("configs/mnist5k.yaml").is_file():
             config = "configs/mnist5k.yaml"
         cfg = load_config(config, args.overrides)
         result = run(args.command, cfg)
+        ok = True
     except StopRequested as e:
         print(f"semivit {args.command}: {e}", file=sys.stderr)
         return 0
@@ -81,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"semivit {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if "torch" in sys.modules:  # no torch, no process group (and no slow import for an error)
+            from semivit.engine import leave_process_group
+
+            leave_process_group(ok)
     if isinstance(result, Path):
         print(f"semivit {args.command}: wrote {result}")
     return 0

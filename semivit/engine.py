@@ -41,6 +41,18 @@ def distributed_state() -> PartialState:
     return PartialState(cpu=use_cpu())
 
 
+def leave_process_group(ok: bool = True) -> None:
+    """Tear the process group down before the interpreter exits. A rank that exits with gloo work
+    objects still alive can abort (SIGABRT) in interpreter finalization while its peer is closing
+    the same sockets, so every command ends here: after a clean run the ranks meet once more and
+    leave together; after an error the group is only closed, since the other ranks may never come."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if ok:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: int = 1) -> Accelerator:
     """One Accelerator per stage. Without CUDA it runs on the CPU, and a multi-process launch still
     forms real (gloo) ranks, so the distributed path is the same one that runs on GPUs."""

@@ -177,7 +177,7 @@ def test_same_images_on_one_and_two_processes(model_dir, tmp_path):
         *overrides(model_dir, tmp_path / "two", 4),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[:4000]
     two = tmp_path / "two"
     assert json.loads((two / "metrics.json").read_text())["num_processes"] == 2
     r1, r2 = manifest(one), manifest(two)

@@ -51,3 +51,20 @@ def test_two_cpu_ranks(tmp_path):
     assert r["semi_rc"] == 0
     m = json.loads((two / "stage1" / "semi" / "metrics.json").read_text())
     assert m["num_test"] == 101 and m["num_unlabeled"] == 160
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_commands_leave_the_process_group(tmp_path, ok):
+    """Ranks must destroy the group before the interpreter exits (gloo can abort in finalization
+    otherwise); after a failed run it is closed without waiting for the other ranks."""
+    code = (
+        "import torch.distributed as dist\n"
+        "from semivit.engine import leave_process_group\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)\n"
+        f"leave_process_group({ok})\n"
+        "assert not dist.is_initialized()\n"
+        "leave_process_group()\n"  # a second call, and a call without a group, do nothing
+        "print('left')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "left", proc.stderr[-2000:]
