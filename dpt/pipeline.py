@@ -28,6 +28,9 @@ logger = logging.getLogger("dpt")
 # the keys that draw the labeled split: stages that see no label (MAE) or every label (the judge)
 # ignore them, so a run with another label count keeps its stage 0 and its judge
 _SPLIT_KEYS = ("labels_per_class", "label_percent", "label_csv")
+# Settings added after runs existed: at the value that behaves as before they existed they stay
+# out of the fingerprint, so upgrading does not rerun finished stages (key -> settings it covers)
+_ADDED_OFF = {("semi", "dist_align", "none"): ("dist_align", "dist_align_momentum")}
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ def fingerprint(cfg: Config, stage: Stage, configured: bool = False) -> str:
     relevant = {"seed": d["seed"], **{s: d[s] for s in stage.sections}}
     if stage.split_free:
         relevant["data"] = {k: v for k, v in relevant["data"].items() if k not in _SPLIT_KEYS}
+    for (section, key, off), keys in _ADDED_OFF.items():
+        if section in relevant and relevant[section].get(key) == off:
+            relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -102,6 +102,10 @@ class SemiConfig:
     teacher: str = "ema"  # ema (EMA-Teacher) | student (FixMatch)
     ema_decay: float = 0.999  # 0.9999 at ImageNet scale; a few hundred steps need a faster teacher
     pseudo_mixup: bool = True
+    # distribution alignment of the teacher's probabilities: none | uniform | labeled (the labeled
+    # set's class shares); counters pseudo-labels piling up on a few classes at 1-4 labels per class
+    dist_align: str = "none"
+    dist_align_momentum: float = 0.99
     pseudo_mixup_cutmix_prob: float = 0.5
     lr: float = 5e-4
     min_lr: float = 1e-6
@@ -363,6 +367,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"setting '{where}' must be one of no, fp16, bf16 (got '{amp}')")
     if cfg.semi.teacher not in ("ema", "student"):
         raise ConfigError(f"setting 'semi.teacher' must be 'ema' or 'student' (got '{cfg.semi.teacher}')")
+    if cfg.semi.dist_align not in ("none", "uniform", "labeled"):
+        raise ConfigError(
+            f"setting 'semi.dist_align' must be none, uniform or labeled (got '{cfg.semi.dist_align}')"
+        )
+    if not 0.0 <= cfg.semi.dist_align_momentum < 1.0:
+        raise ConfigError(f"setting 'semi.dist_align_momentum' must lie in [0, 1) (got {cfg.semi.dist_align_momentum})")
     if not 0.0 <= cfg.semi.tau <= 1.0:
         raise ConfigError(f"setting 'semi.tau' must lie in [0, 1] (got {cfg.semi.tau})")
     if cfg.data.labels_per_class < 1 and cfg.data.label_percent <= 0 and not cfg.data.label_csv:

@@ -24,7 +24,13 @@ from semivit.engine import TrainState, make_accelerator, maybe_resume, prepare_s
 from semivit.evaluate import evaluate_models, make_test_loader
 from semivit.finetune import make_mixup
 from semivit.models import resolve_weights_file
-from semivit.ssl import prob_pseudo_mixup, smooth_one_hot, teacher_pseudo_labels, unlabeled_loss
+from semivit.ssl import (
+    DistributionAlignment,
+    prob_pseudo_mixup,
+    smooth_one_hot,
+    teacher_pseudo_labels,
+    unlabeled_loss,
+)
 from semivit.stage import (
     Timer,
     build_classifier,
@@ -128,6 +134,9 @@ def run_semi(
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     accelerator.register_for_checkpointing(ema)
+    align = make_alignment(sc, bundle.train, split.labeled, K, accelerator)
+    if align is not None:
+        accelerator.register_for_checkpointing(align)
     maybe_resume(cfg, accelerator, stage_dir)
     timer = Timer(state)
 
@@ -154,7 +163,7 @@ def run_semi(
                 x_l, y_l = _next_labeled(lab_iters)
                 with accelerator.accumulate(model):
                     losses, conf_mask, hard = train_step(
-                        model, ema, accelerator, criterion, mixup, sc, K, x_l, y_l, weak_u, strong_u
+                        model, ema, accelerator, criterion, mixup, sc, K, x_l, y_l, weak_u, strong_u, align
                     )
                     if not torch.isfinite(losses[0]):
                         msg = f"semi loss is {losses[0].item()} at epoch {epoch + 1}; lower semi.lr, lambda_u, or set semi.amp=no"
@@ -238,7 +247,20 @@ def _next_labeled(iters) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def train_step(model, ema, accelerator, criterion, mixup, sc, num_classes, x_l, y_l, weak_u, strong_u):
+def make_alignment(sc, source: ImageSource, labeled_idx, num_classes: int, accelerator) -> DistributionAlignment | None:
+    """``semi.dist_align``: none, uniform (every class equally often) or labeled (the class shares
+    of the labeled subset, for data whose classes are not balanced)."""
+    if sc.dist_align == "none":
+        return None
+    target = None
+    if sc.dist_align == "labeled":
+        labels = torch.as_tensor(np.asarray(source.targets)[np.asarray(labeled_idx)], dtype=torch.long)
+        target = torch.bincount(labels, minlength=num_classes).float() + 1.0  # +1: no class gets 0
+    reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
+    return DistributionAlignment(num_classes, sc.dist_align_momentum, target, reduce).to(accelerator.device)
+
+
+def train_step(model, ema, accelerator, criterion, mixup, sc, num_classes, x_l, y_l, weak_u, strong_u, align=None):
     """One EMA-Teacher step's losses (total, labeled, unlabeled) and the teacher's mask and labels."""
     teacher = ema if sc.teacher == "ema" else accelerator.unwrap_model(model)
     with torch.no_grad():
@@ -247,7 +269,7 @@ def train_step(model, ema, accelerator, criterion, mixup, sc, num_classes, x_l, 
         with accelerator.autocast():
             t_logits = teacher(weak_u)
         teacher.train(was_training)
-    conf, hard, conf_mask = teacher_pseudo_labels(t_logits, sc.tau)
+    conf, hard, conf_mask = teacher_pseudo_labels(t_logits, sc.tau, align)
     if sc.pseudo_mixup:
         pm = prob_pseudo_mixup(
             strong_u, conf, hard, num_classes, sc.tau, sc.label_smoothing, sc.pseudo_mixup_cutmix_prob

@@ -6,15 +6,67 @@ feeds these functions logits and images, and the tests feed them hand-made tenso
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 
-def teacher_pseudo_labels(logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Confidence p = max softmax, hard label argmax and the mask p >= tau, from teacher logits."""
+def teacher_pseudo_labels(
+    logits: torch.Tensor, tau: float, align: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Confidence p = max softmax, hard label argmax and the mask p >= tau, from teacher logits;
+    ``align`` (e.g. a ``DistributionAlignment``) maps the class probabilities first."""
     probs = logits.detach().float().softmax(dim=1)
+    if align is not None:
+        probs = align(probs)
     conf, hard = probs.max(dim=1)
     return conf, hard, conf >= tau
+
+
+class DistributionAlignment(torch.nn.Module):
+    """Distribution alignment (ReMixMatch): q_aligned ~ q * p_target / p_model, renormalised.
+
+    ``p_model`` is a running mean (momentum m) of the teacher's class probabilities on unlabeled
+    batches, ``p_target`` the class distribution the pseudo-labels should follow (uniform, or the
+    labeled set's). A teacher that has started to favour a few classes sees their probabilities
+    scaled down and the neglected classes' scaled up, which counters the confirmation bias that
+    makes pseudo-labels pile up on a few classes when labels are very few. The running mean is a
+    buffer, so it is saved and resumed with the training state.
+    ``reduce`` averages the batch mean over processes, so every rank aligns with the same p_model.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        momentum: float = 0.99,
+        target: torch.Tensor | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"semi.dist_align_momentum must be in [0, 1), got {momentum}")
+        uniform = torch.full((num_classes,), 1.0 / num_classes)
+        if target is None:
+            target = uniform
+        target = torch.as_tensor(target, dtype=torch.float32).clamp_min(0)
+        if target.shape != (num_classes,) or target.sum() <= 0:
+            raise ValueError(f"the alignment target must be {num_classes} non-negative class weights, not all zero")
+        self.momentum = momentum
+        self.reduce = reduce
+        self.register_buffer("p_target", target / target.sum())
+        self.register_buffer("p_model", uniform.clone())
+
+    @torch.no_grad()
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        probs = probs.float()
+        if self.training:
+            batch_mean = probs.mean(dim=0)
+            if self.reduce is not None:
+                batch_mean = self.reduce(batch_mean)
+            self.p_model.mul_(self.momentum).add_(batch_mean.to(self.p_model), alpha=1 - self.momentum)
+        aligned = probs * (self.p_target / self.p_model.clamp_min(1e-6)).to(probs)
+        return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

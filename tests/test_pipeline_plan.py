@@ -138,3 +138,24 @@ def test_another_label_split_keeps_stage0_and_the_judge(tmp_path, calls):
     assert todo[0] == "finetune" and todo[-1] == "report"
     # a data setting that is not the split still reruns everything
     assert names(pipeline.plan(cfg_for(tmp_path, "data.randaug_magnitude=3")))[:1] == ["pretrain"]
+
+
+def test_distribution_alignment_reruns_semi_only_when_switched_on(tmp_path, calls, monkeypatch):
+    cfg = cfg_for(tmp_path)
+    pipeline.run_pipeline(cfg)
+    # off, its momentum is not part of any fingerprint
+    assert pipeline.plan(cfg_for(tmp_path, "semi.dist_align_momentum=0.9")) == []
+    todo = names(pipeline.plan(cfg_for(tmp_path, "semi.dist_align=uniform")))
+    assert todo[0] == "semi" and "finetune" not in todo and "retrain" in todo
+    # a run made before the setting existed has the same fingerprints as one with it off
+    semi = next(s for s in pipeline.STAGES if s.name == "semi")
+    with_keys = pipeline.fingerprint(cfg, semi)
+    real_to_dict = pipeline.to_dict
+
+    def without_keys(c):
+        d = real_to_dict(c)
+        d["semi"] = {k: v for k, v in d["semi"].items() if not k.startswith("dist_align")}
+        return d
+
+    monkeypatch.setattr(pipeline, "to_dict", without_keys)
+    assert pipeline.fingerprint(cfg, semi) == with_keys

@@ -121,3 +121,21 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
 def test_semi_without_finetune_says_what_to_run(tmp_path, capsys):
     assert main(["semi", f"output_dir={tmp_path}", *TINY]) == 2
     assert "semivit finetune" in capsys.readouterr().err
+
+
+def test_semi_with_distribution_alignment_resumes_its_running_mean(tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    assert cli(out, "finetune", "model.init=none", "finetune.epochs=2") == 0
+    args = ("semi.dist_align=labeled", "semi.dist_align_momentum=0.5", "semi.epochs=2")
+    assert cli(out, "semi", *args, "stop_after_epoch=1") == 0
+    ckpt = out / "stage1" / "semi" / "checkpoints" / "epoch_1"
+    saved = [torch.load(p, weights_only=True) for p in sorted(ckpt.glob("custom_checkpoint_*.pkl"))]
+    p_model = next(s["p_model"] for s in saved if isinstance(s, dict) and "p_model" in s)
+    assert p_model.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(p_model, torch.full((10,), 0.1))  # it moved, and was saved
+    assert cli(out, "semi", *args) == 0
+    hist = json.loads((out / "stage1" / "semi" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert cli(out, "semi", "semi.dist_align=flat") == 2  # a bad value is a clean error

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from semivit.ssl import (
+    DistributionAlignment,
     cutmix_boxes,
     prob_pseudo_mixup,
     smooth_one_hot,
@@ -148,3 +149,38 @@ def test_pseudo_label_stats_and_collapse_check(caplog):
     with pytest.raises(RuntimeError, match="stop_on_collapse"):
         check_collapse(collapsed, 4, 0.5, stop=True, epoch=3)
     check_collapse({"pseudo_classes": 4, "hist_pseudo": [5, 5, 5, 5]}, 4, 0.5, stop=True, epoch=3)
+
+
+def test_distribution_alignment_rebalances_a_biased_teacher():
+    torch.manual_seed(0)
+    # a teacher that favours class 0: every row puts extra mass there
+    logits = torch.randn(512, 4) + torch.tensor([1.5, 0.0, 0.0, 0.0])
+    probs = logits.softmax(1)
+    da = DistributionAlignment(4, momentum=0.0)  # momentum 0: p_model is this batch's mean
+    aligned = da(probs)
+    assert torch.allclose(aligned.sum(1), torch.ones(512), atol=1e-6)
+    assert torch.allclose(da.p_model, probs.mean(0))
+    share = lambda p: torch.bincount(p.argmax(1), minlength=4).float() / len(p)  # noqa: E731
+    assert share(probs)[0] > 0.5  # most hard labels are class 0 before alignment
+    assert (share(aligned) - 0.25).abs().max() < (share(probs) - 0.25).abs().max() / 2
+    # the labels it hands out through teacher_pseudo_labels are the aligned ones
+    _, hard, _ = teacher_pseudo_labels(logits, tau=0.0, align=DistributionAlignment(4, momentum=0.0))
+    assert torch.equal(hard, aligned.argmax(1))
+
+
+def test_distribution_alignment_state_target_and_eval():
+    da = DistributionAlignment(3, momentum=0.5, target=torch.tensor([2.0, 1.0, 1.0]))
+    assert torch.allclose(da.p_target, torch.tensor([0.5, 0.25, 0.25]))
+    da(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(da.p_model, torch.tensor([2 / 3, 1 / 6, 1 / 6]))  # 0.5 * uniform + 0.5 * batch
+    before = da.p_model.clone()
+    da.eval()
+    da(torch.tensor([[0.0, 1.0, 0.0]]))
+    assert torch.equal(da.p_model, before)  # evaluation does not move the running mean
+    restored = DistributionAlignment(3)
+    restored.load_state_dict(da.state_dict())  # saved and resumed with the training state
+    assert torch.equal(restored.p_model, before) and torch.equal(restored.p_target, da.p_target)
+    with pytest.raises(ValueError, match="non-negative"):
+        DistributionAlignment(3, target=torch.zeros(3))
+    with pytest.raises(ValueError, match="dist_align_momentum"):
+        DistributionAlignment(3, momentum=1.0)
