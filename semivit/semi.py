@@ -2,7 +2,8 @@
 
 Per step: B labeled images (strong view) and mu*B unlabeled ones (weak + strong view). The teacher
 (an EMA of the student, or the student itself in FixMatch mode) labels the weak views; the student
-learns from the strong views of the confident ones. The math lives in ``semivit.ssl``.
+learns from the strong views of the confident ones; with ``semi.dist_align`` the teacher's class
+probabilities are aligned to a target class distribution first. The math lives in ``semivit.ssl``.
 Writes ``<output_dir>/stage1/semi/`` (see ``stage.finish_classifier_stage``).
 """
 
