@@ -102,11 +102,11 @@ class SemiConfig:
     teacher: str = "ema"  # ema (EMA-Teacher) | student (FixMatch)
     ema_decay: float = 0.999  # 0.9999 at ImageNet scale; a few hundred steps need a faster teacher
     pseudo_mixup: bool = True
+    pseudo_mixup_cutmix_prob: float = 0.5
     # distribution alignment of the teacher's probabilities: none | uniform | labeled (the labeled
-    # set's class shares); counters pseudo-labels piling up on a few classes at 1-4 labels per class
+    # set's class shares); counters pseudo-labels piling up on a few classes with 1-2 labels per class
     dist_align: str = "none"
     dist_align_momentum: float = 0.99
-    pseudo_mixup_cutmix_prob: float = 0.5
     lr: float = 5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05

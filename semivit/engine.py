@@ -48,9 +48,10 @@ def leave_process_group(ok: bool = True) -> None:
     leave together; after an error the group is only closed, since the other ranks may never come."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
+    state = distributed_state()
     if ok:
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+        state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: int = 1) -> Accelerator:
