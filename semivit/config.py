@@ -39,6 +39,11 @@ class DataConfig:
     unlabeled_includes_labeled: bool = False
     max_train: int = 0  # >0: use only the first N training images (quick experiments, tests)
     max_test: int = 0
+    max_train_per_class: int = 0  # >0: the first N training images of each class (smoke runs)
+    max_test_per_class: int = 0  # >0: the first N held-out images of each class
+    # augmentation recipe: small (resize + pad-crop, for 28-32 px data) | semivit (the published
+    # Semi-ViT ImageNet views: random resized crop, timm RandAugment, bicubic, resize-256 centre crop)
+    transforms: str = "small"
     # augmentation
     hflip: bool = False  # never for digits
     crop_padding: int = 2  # random translation by padding + random crop (pixels at image_size)
@@ -214,6 +219,9 @@ class Config:
     resume: bool = True  # continue from the stage's last saved state when one exists
     tensorboard: bool = True
     stop_after_epoch: int = 0  # >0: end a training stage after this epoch as if interrupted (resumable)
+    # smoke=true keeps the models, resolution, precision and weight files of the config and shrinks
+    # only the work (a few images per class, ~2 optimizer steps per stage): a check before a long run
+    smoke: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
