@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from dpt.diffusion import (
@@ -37,17 +36,7 @@ from dpt.diffusion import (
 from dpt.errors import DPTError
 from semivit.config import Config
 from semivit.data import ImageSource, build_data
-from semivit.engine import (
-    TrainState,
-    finish_trackers,
-    make_accelerator,
-    maybe_resume,
-    plot_curves,
-    prepare_stage_dir,
-    remove_checkpoints,
-    save_checkpoint,
-    write_metrics,
-)
+from semivit.loop import Trainer
 
 logger = logging.getLogger("dpt")
 
@@ -226,7 +215,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
         img.save(tmp, format="PNG")
 
 
-def sample_grid(model, noise_scheduler, codec, meta: dict, path: Path, device, per_class: int = 8) -> None:
+def sample_grid(
+    model, noise_scheduler, codec, meta: dict, path: Path, device, per_class: int = 8, steps: int = 20
+) -> None:
     """A grid of EMA samples (one row per class, at most 10 classes) during training."""
     k = len(meta["classes"])
     classes = list(range(min(k, 10)))
@@ -234,18 +225,26 @@ def sample_grid(model, noise_scheduler, codec, meta: dict, path: Path, device, p
     seeds = [1000 * c + i for c in classes for i in range(per_class)]
     noise, gens = image_noise(seeds, (meta["model_channels"], meta["model_size"], meta["model_size"]), device)
     sampler = make_sampler(noise_scheduler.config, "dpmsolver++")
-    x = sample(model, sampler, noise, labels, k, 2.0, 20, gens)
+    x = sample(model, sampler, noise, labels, k, 2.0, steps, gens)
     save_grid(to_uint8(codec.decode(x)).cpu(), path, nrow=per_class)
 
 
 def run_train_diffusion(cfg: Config) -> Path:
     dcfg = cfg.diffusion
     stage_dir = stage_dir_of(cfg)
-    accelerator = make_accelerator(cfg, stage_dir, amp=dcfg.amp, grad_accum=dcfg.grad_accum)
     bundle = build_data(cfg.data)
     labels = load_training_labels(cfg, bundle.train)
-    prepare_stage_dir(cfg, stage_dir, accelerator, "stage2")
-    device = accelerator.device
+    trainer = Trainer(
+        cfg,
+        "diffusion",
+        stage_dir,
+        sections=("data", "diffusion"),
+        amp=dcfg.amp,
+        grad_accum=dcfg.grad_accum,
+        clip_grad=dcfg.clip_grad,
+        nonfinite_hint="lower diffusion.lr or set diffusion.amp=no",
+    )
+    device = trainer.device
 
     image_size = dcfg.image_size or cfg.data.image_size
     vae = load_vae(dcfg.vae) if dcfg.vae else None
@@ -281,22 +280,15 @@ def run_train_diffusion(cfg: Config) -> Path:
         model_config=model.config,
     )
     dataset = PixelDataset(bundle.train, labels, bundle.channels, image_size)
-    drop_last = len(dataset) >= dcfg.batch_size * accelerator.num_processes
-    loader = DataLoader(
-        dataset, batch_size=dcfg.batch_size, shuffle=True, drop_last=drop_last, num_workers=cfg.data.num_workers
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    loader = trainer.loader(dataset, dcfg.batch_size, shuffle=True, drop_last=len(dataset) >= dcfg.batch_size * trainer.accelerator.num_processes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay, **_fused(model))
+    model, loader = trainer.prepare(model, optimizer, loader)
     ema.to(device)
-    steps_per_epoch = math.ceil(len(loader) / dcfg.grad_accum)
-    total_steps = max(1, dcfg.epochs * steps_per_epoch)
-    from semivit.engine import warmup_cosine
-
-    lr_schedule = warmup_cosine(optimizer, min(dcfg.warmup_steps, total_steps // 2), total_steps, min_lr_ratio=0.1)
-    state = TrainState()
-    accelerator.register_for_checkpointing(lr_schedule, ema, state)
-    resumed = maybe_resume(cfg, accelerator, stage_dir)
-    resumed_from = state.epoch if resumed else None
+    total_steps = max(1, dcfg.epochs * trainer.updates_per_epoch)
+    trainer.schedule(dcfg.epochs, min(dcfg.warmup_steps, total_steps // 2), min_lr_ratio=0.1)
+    trainer.track(ema=ema)
+    resumed = trainer.resume()
+    resumed_from = trainer.state.epoch if resumed else None
     logger.info(
         "train-diffusion: %d images, %d classes, labels from %s, %s %s params, %d steps/epoch",
         len(dataset),
@@ -304,87 +296,80 @@ def run_train_diffusion(cfg: Config) -> Path:
         labels.source,
         dcfg.model,
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
-        steps_per_epoch,
+        trainer.updates_per_epoch,
     )
 
-    raw = accelerator.unwrap_model(model)
+    raw = trainer.accelerator.unwrap_model(model)
+    seen = {"images": 0}
     start = time.time()
-    images_seen = 0
-    sample_every = dcfg.sample_every
-    for epoch in range(state.epoch, dcfg.epochs):
-        model.train()
-        losses = []
-        for x, y in loader:
-            with accelerator.accumulate(model):
-                x = to_unit_range(x)
-                if dcfg.hflip:
-                    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                x0 = codec.encode(x)
-                y = drop_labels(y, k, dcfg.p_uncond)
-                noise = torch.randn_like(x0)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-                xt = noise_scheduler.add_noise(x0, noise, t)
-                with accelerator.autocast():
-                    pred = denoiser_forward(model, xt, t, y)
-                loss = F.mse_loss(pred.float(), training_target(noise_scheduler, x0, noise, t).float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and dcfg.clip_grad > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), dcfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                lr_schedule.step()
-                ema.step(raw.parameters())
-                state.step += 1
-                if sample_every and state.step % sample_every == 0:
-                    _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir, state.step)
-            losses.append(loss.detach())
-            images_seen += x.shape[0] * accelerator.num_processes
-        epoch_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item() if losses else float("nan")
-        state.epoch = epoch + 1
-        state.history.append(
-            {"epoch": state.epoch, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"], "step": state.step}
-        )
-        logger.info("epoch %d/%d  loss %.4f  step %d", state.epoch, dcfg.epochs, epoch_loss, state.step)
-        if not sample_every and (state.epoch % 10 == 0 or state.epoch == dcfg.epochs):
-            _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir, state.step)
-        if dcfg.checkpoint_every > 0 and (state.epoch % dcfg.checkpoint_every == 0) and state.epoch < dcfg.epochs:
-            save_checkpoint(accelerator, stage_dir, state.epoch)
-    seconds = time.time() - start
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def step(batch):
+        x, y = batch
+        x = to_unit_range(x)
+        if dcfg.hflip:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x0 = codec.encode(x)
+        y = drop_labels(y, k, dcfg.p_uncond)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        xt = noise_scheduler.add_noise(x0, noise, t)
+        with trainer.accelerator.autocast():
+            pred = denoiser_forward(model, xt, t, y)
+        seen["images"] += x.shape[0] * trainer.accelerator.num_processes
+        return {"loss": F.mse_loss(pred.float(), training_target(noise_scheduler, x0, noise, t).float())}
+
+    def on_update(step_: int) -> None:
+        ema.step(raw.parameters())
+        if dcfg.sample_every and (step_ + 1) % dcfg.sample_every == 0:
+            _grid(trainer.accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir, step_ + 1, cfg.smoke)
+
+    def end_epoch(row: dict) -> None:
+        if not dcfg.sample_every and (row["epoch"] % 10 == 0 or row["epoch"] == dcfg.epochs):
+            _grid(trainer.accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir, row["step"], cfg.smoke)
+
+    trainer.fit(
+        dcfg.epochs,
+        lambda epoch: loader,
+        step,
+        on_update=on_update,
+        end_epoch=end_epoch,
+        checkpoint_every=dcfg.checkpoint_every,
+    )
+    seconds = time.time() - start
+    state = trainer.state
+
+    def write():
         final = build_denoiser(dcfg, k, m_channels, m_size)
         ema.copy_to(final.parameters())
         save_generator(stage_dir / "model", final, noise_scheduler, meta)
-        plot_curves(state.history, stage_dir / "curves.png", "train-diffusion")
-        write_metrics(
-            stage_dir,
-            {
-                "final_loss": state.history[-1]["loss"] if state.history else None,
-                "seconds": seconds,
-                "train_images_per_second": images_seen / seconds if seconds > 0 else None,
-                "num_images": int(len(dataset)),
-                "num_classes": k,
-                "label_source": labels.source,
-                "labels": labels.info,
-                "epochs": state.epoch,
-                "steps": state.step,
-                "ema_steps": int(ema.optimization_step),
-                "resumed_from_epoch": resumed_from,
-                "model": dcfg.model,
-                "num_params": sum(p.numel() for p in raw.parameters()),
-            },
-        )
-    accelerator.wait_for_everyone()
-    remove_checkpoints(accelerator, stage_dir)
-    finish_trackers(accelerator)
+
+    metrics = {
+        "final_loss": state.history[-1]["loss"] if state.history else None,
+        "seconds": seconds,
+        "train_images_per_second": seen["images"] / seconds if seconds > 0 else None,
+        "num_images": int(len(dataset)),
+        "num_classes": k,
+        "label_source": labels.source,
+        "labels": labels.info,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "ema_steps": int(ema.optimization_step),
+        "resumed_from_epoch": resumed_from,
+        "model": dcfg.model,
+        "num_params": sum(p.numel() for p in raw.parameters()),
+    }
+    trainer.finish(metrics, write, "train-diffusion")
     logger.info("train-diffusion done in %.0f s: %s", seconds, stage_dir / "model")
     return stage_dir
 
 
-def _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir: Path, step: int) -> None:
+def _fused(model) -> dict:
+    """Fused AdamW (one kernel per parameter group) where the parameters live on a GPU."""
+    return {"fused": True} if next(model.parameters()).is_cuda else {}
+
+
+def _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir: Path, step: int, smoke: bool = False) -> None:
     if not accelerator.is_main_process:
         return
     ema.store(raw.parameters())
@@ -392,7 +377,14 @@ def _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir: Path, 
     raw.eval()
     try:
         sample_grid(
-            raw, noise_scheduler, codec, meta, stage_dir / "samples" / f"step_{step:07d}.png", accelerator.device
+            raw,
+            noise_scheduler,
+            codec,
+            meta,
+            stage_dir / "samples" / f"step_{step:07d}.png",
+            accelerator.device,
+            per_class=1 if smoke else 8,
+            steps=2 if smoke else 20,
         )
     finally:
         ema.restore(raw.parameters())

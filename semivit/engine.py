@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from semivit.config import Config, save_config
@@ -56,7 +57,17 @@ def leave_process_group(ok: bool = True) -> None:
 
 def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: int = 1) -> Accelerator:
     """One Accelerator per stage. Without CUDA it runs on the CPU, and a multi-process launch still
-    forms real (gloo) ranks, so the distributed path is the same one that runs on GPUs."""
+    forms real (gloo) ranks, so the distributed path is the same one that runs on GPUs.
+
+    Accelerate keeps the precision and accumulation settings in process-wide singletons; each stage
+    of a pipeline run chooses its own, so they are reset here (the process group is kept)."""
+    cpu = use_cpu()
+    if amp == "fp16" and cpu:
+        raise ValueError(
+            "amp=fp16 needs a GPU (fp16 autocast is not supported on the CPU); use amp=bf16 or amp=no for this stage"
+        )
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     log_with = None
     if cfg.tensorboard:
         try:
@@ -70,10 +81,11 @@ def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: 
         gradient_accumulation_steps=grad_accum,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(stage_dir), logging_dir=str(stage_dir / "logs")),
-        cpu=use_cpu(),
+        cpu=cpu,
     )
     setup_logging(accelerator)
-    # every rank seeds the same: the label split and model init agree; data order differs by sampler
+    # every rank seeds the same here, so model initialisation agrees; training then switches each
+    # rank to its own stream (semivit.loop.seed_rank_stream)
     set_seed(cfg.seed)
     return accelerator
 
@@ -182,7 +194,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in history[-1] if k != "epoch" and isinstance(history[-1][k], (int, float))]
-    keys = [k for k in keys if not k.startswith("hist")][:12]
+    keys = [k for k in keys if not k.startswith("hist") and k != "step"][:12]
     if not keys:
         return
     cols = min(4, len(keys))

@@ -8,31 +8,18 @@ Accelerate state). Writes ``<output_dir>/stage1/finetune/`` (see ``stage.finish_
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from tqdm.auto import tqdm
 
 from semivit.config import Config
 from semivit.data import ImageSource, ViewDataset, build_data, build_transforms, make_split
-from semivit.engine import TrainState, make_accelerator, maybe_resume, prepare_stage_dir, save_checkpoint, warmup_cosine
 from semivit.evaluate import evaluate_models, make_test_loader
-from semivit.stage import (
-    Timer,
-    build_classifier,
-    check_stop,
-    finish_classifier_stage,
-    make_ema,
-    make_loader,
-    make_optimizer,
-    optimizer_step,
-    resolve_init,
-    update_ema,
-)
+from semivit.loop import Trainer
+from semivit.stage import build_classifier, classifier_outputs, make_ema, make_optimizer, resolve_init
 
 logger = logging.getLogger("semivit")
 
@@ -48,11 +35,20 @@ def run_finetune(
     out_dir: Path | None = None,
     init: str | None = None,
     labeled: tuple[ImageSource, np.ndarray] | None = None,
+    name: str = "finetune",
 ) -> Path:
     fc = cfg.finetune
     stage_dir = Path(out_dir) if out_dir else cfg.run_dir / "stage1" / "finetune"
-    accelerator = make_accelerator(cfg, stage_dir, fc.amp, fc.grad_accum)
-    prepare_stage_dir(cfg, stage_dir, accelerator, "finetune")
+    trainer = Trainer(
+        cfg,
+        name,
+        stage_dir,
+        sections=("data", "model", "finetune", "retrain") if labeled is not None else ("data", "model", "finetune"),
+        amp=fc.amp,
+        grad_accum=fc.grad_accum,
+        clip_grad=fc.clip_grad,
+        nonfinite_hint="lower finetune.lr or set finetune.amp=no",
+    )
     bundle = build_data(cfg.data)
     tf = build_transforms(cfg.data, bundle)
     split = make_split(cfg.data, bundle.train, cfg.seed)
@@ -61,64 +57,50 @@ def run_finetune(
         raise ValueError(f"the labeled set has {source.num_classes} classes, data '{cfg.data.name}' has {bundle.num_classes}")
     train_ds = ViewDataset(source, idx, tf["train"])
     # timm Mixup needs an even batch, hence drop_last
-    loader = make_loader(train_ds, fc.batch_size, shuffle=True, cfg=cfg, drop_last=True)
+    loader = trainer.loader(train_ds, fc.batch_size, shuffle=True, drop_last=True)
 
     model = build_classifier(cfg, bundle, resolve_init(cfg, init))
     ema = make_ema(model, fc.ema_decay, warmup=True)
     opt = make_optimizer(model, fc.lr, fc.weight_decay, fc.layer_decay)
-    steps_per_epoch = math.ceil(len(loader) / fc.grad_accum)
-    sched = warmup_cosine(opt, int(fc.warmup_epochs * steps_per_epoch), fc.epochs * steps_per_epoch, fc.min_lr / fc.lr)
-    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
-    test_loader = accelerator.prepare(make_test_loader(cfg, bundle))
-    ema.to(accelerator.device)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(ema)
-    maybe_resume(cfg, accelerator, stage_dir)
-    timer = Timer(state)
+    model, loader = trainer.prepare(model, opt, loader)
+    trainer.schedule(fc.epochs, int(fc.warmup_epochs * trainer.updates_per_epoch), fc.min_lr / fc.lr)
+    test_loader = trainer.accelerator.prepare(make_test_loader(cfg, bundle))
+    ema.to(trainer.device)
+    trainer.track(ema=ema)
+    trainer.resume()
 
     mixup = make_mixup(fc.mixup, fc.cutmix, fc.label_smoothing, bundle.num_classes)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=fc.label_smoothing)
-    logger.info("stage 1a (fine-tune): %d labeled images, %d epochs, %d steps/epoch", len(train_ds), fc.epochs, len(loader))
+    logger.info(
+        "stage 1a (%s): %d labeled images, %d epochs, %d steps/epoch", name, len(train_ds), fc.epochs, trainer.updates_per_epoch
+    )
 
-    for epoch in range(state.epoch, fc.epochs):
-        model.train()
-        total, count = torch.zeros((), device=accelerator.device), 0
-        bar = tqdm(loader, desc=f"finetune {epoch + 1}/{fc.epochs}", leave=False, disable=not accelerator.is_local_main_process)
-        for images, labels, _ in bar:
-            with accelerator.accumulate(model):
-                if mixup:
-                    images, labels = mixup(images, labels)
-                with accelerator.autocast():
-                    loss = criterion(model(images), labels)
-                accelerator.backward(loss)
-                optimizer_step(accelerator, model, opt, sched, fc.clip_grad)
-            update_ema(accelerator, model, ema, state)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}; lower finetune.lr")
-            total += loss.detach()
-            count += 1
-        state.epoch = epoch + 1
-        row = {
-            "epoch": state.epoch,
-            "loss": accelerator.reduce(total / max(1, count), "mean").item(),
-            "lr": max(g["lr"] for g in opt.param_groups),
-        }
-        if fc.eval_every and state.epoch % fc.eval_every == 0 and state.epoch < fc.epochs:
-            m = evaluate_models(model, ema, test_loader, accelerator, bundle.num_classes)
+    def step(batch):
+        images, labels, _ = batch
+        if mixup:
+            images, labels = mixup(images, labels)
+        with trainer.accelerator.autocast():
+            loss = criterion(model(images), labels)
+        return {"loss": loss}
+
+    def end_epoch(row: dict) -> None:
+        epoch = row["epoch"]
+        if fc.eval_every and epoch % fc.eval_every == 0 and epoch < fc.epochs:
+            m = evaluate_models(model, ema, test_loader, trainer.accelerator, bundle.num_classes)
             row.update(top1=m["top1"], top1_ema=m["top1_ema"])
-        row["seconds"] = timer.seconds
-        state.history.append(row)
-        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
-        if "top1" in row or state.epoch == 1:
-            logger.info("finetune epoch %d/%d %s", state.epoch, fc.epochs, _fmt(row))
-        if state.epoch < fc.epochs:
-            save_checkpoint(accelerator, stage_dir, state.epoch)
-            check_stop(cfg, state.epoch)
 
-    final = evaluate_models(model, ema, test_loader, accelerator, bundle.num_classes)
-    if state.history:
-        state.history[-1].update(top1=final["top1"], top1_ema=final["top1_ema"])
+    trainer.fit(
+        fc.epochs,
+        lambda epoch: loader,
+        step,
+        on_update=lambda s: ema.update(trainer.accelerator.unwrap_model(model), step=s),
+        end_epoch=end_epoch,
+        log_every=max(1, fc.epochs // 10),
+    )
+
+    final = evaluate_models(model, ema, test_loader, trainer.accelerator, bundle.num_classes)
+    if trainer.state.history:
+        trainer.state.history[-1].update(top1=final["top1"], top1_ema=final["top1_ema"])
     metrics = {
         "top1": final["top1"],
         "top1_ema": final["top1_ema"],
@@ -130,12 +112,9 @@ def run_finetune(
         "per_class_acc_ema": final["per_class_acc_ema"],
         "init": resolve_init(cfg, init) or "random",
         "epochs": fc.epochs,
-        "seconds": round(timer.seconds, 1),
+        "seconds": round(trainer.seconds, 1),
     }
-    logger.info("finetune done: top1 %.2f  top1_ema %.2f (%.0fs)", metrics["top1"], metrics["top1_ema"], timer.seconds)
-    finish_classifier_stage(cfg, accelerator, stage_dir, model, ema, bundle, state, metrics, source, idx, "stage 1a: fine-tuning")
+    logger.info("%s done: top1 %.2f  top1_ema %.2f (%.0fs)", name, metrics["top1"], metrics["top1_ema"], trainer.seconds)
+    write = classifier_outputs(cfg, trainer, model, ema, bundle, source, idx)
+    trainer.finish(metrics, write, "stage 1a: fine-tuning")
     return stage_dir
-
-
-def _fmt(row: dict) -> str:
-    return "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)))

@@ -8,31 +8,17 @@ with ``models.load_encoder_weights``), ``metrics.json``, ``history.json``, ``cur
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
-from tqdm.auto import tqdm
 
 from semivit.config import Config
 from semivit.data import ViewDataset, build_data, build_transforms
-from semivit.engine import (
-    TrainState,
-    finish_trackers,
-    make_accelerator,
-    maybe_resume,
-    plot_curves,
-    prepare_stage_dir,
-    remove_checkpoints,
-    save_checkpoint,
-    warmup_cosine,
-    write_metrics,
-)
-from semivit.io import atomic_path, atomic_write_json, save_weights
+from semivit.io import atomic_path, save_weights
+from semivit.loop import Trainer
 from semivit.mae import create_mae
-from semivit.stage import Timer, check_stop, make_loader
 
 logger = logging.getLogger("semivit")
 
@@ -69,74 +55,51 @@ def save_reconstructions(mae, images: torch.Tensor, mean, std, path: Path, seed:
 def run_pretrain(cfg: Config) -> Path:
     pc = cfg.pretrain
     stage_dir = cfg.run_dir / "stage0"
-    accelerator = make_accelerator(cfg, stage_dir, pc.amp, pc.grad_accum)
-    prepare_stage_dir(cfg, stage_dir, accelerator, "stage0")
+    trainer = Trainer(
+        cfg,
+        "mae",
+        stage_dir,
+        sections=("data", "model", "pretrain"),
+        amp=pc.amp,
+        grad_accum=pc.grad_accum,
+        nonfinite_hint="lower pretrain.lr or set pretrain.amp=no",
+    )
     bundle = build_data(cfg.data)
     tf = build_transforms(cfg.data, bundle)
-    # the weak view (random translation) is MAE's only augmentation, as random resized crop is there
-    dataset = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf["weak"])
-    loader = make_loader(dataset, pc.batch_size, shuffle=True, cfg=cfg)
+    # MAE's only augmentation: random translation (small images) or random resized crop (ImageNet)
+    dataset = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf.get("pretrain", tf["weak"]))
+    loader = trainer.loader(dataset, pc.batch_size, shuffle=True)
     mae = create_mae(cfg.model, pc, cfg.data.image_size, bundle.channels)
     opt = create_optimizer_v2(mae, "adamw", lr=pc.lr, weight_decay=pc.weight_decay, betas=(0.9, 0.95))
-    # single-process optimizer steps: accelerate's prepared scheduler advances num_processes steps per call
-    steps_per_epoch = math.ceil(len(loader) / pc.grad_accum)
-    sched = warmup_cosine(opt, int(pc.warmup_epochs * steps_per_epoch), pc.epochs * steps_per_epoch, pc.min_lr / pc.lr)
-    mae, opt, loader, sched = accelerator.prepare(mae, opt, loader, sched)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    maybe_resume(cfg, accelerator, stage_dir)
-    timer = Timer(state)
-    logger.info("stage 0 (MAE): %d images, %d epochs, %d steps/epoch", len(dataset), pc.epochs, steps_per_epoch)
+    mae, loader = trainer.prepare(mae, opt, loader)
+    trainer.schedule(pc.epochs, int(pc.warmup_epochs * trainer.updates_per_epoch), pc.min_lr / pc.lr)
+    trainer.resume()
+    logger.info(
+        "stage 0 (MAE): %d images, %d epochs, %d steps/epoch", len(dataset), pc.epochs, trainer.updates_per_epoch
+    )
 
-    for epoch in range(state.epoch, pc.epochs):
-        mae.train()
-        total, count = torch.zeros((), device=accelerator.device), 0
-        bar = tqdm(loader, desc=f"mae {epoch + 1}/{pc.epochs}", leave=False, disable=not accelerator.is_local_main_process)
-        for images, _, _ in bar:
-            with accelerator.accumulate(mae):
-                with accelerator.autocast():
-                    loss, _, _ = mae(images)
-                accelerator.backward(loss)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"MAE loss is {loss.item()} at epoch {epoch + 1}; lower pretrain.lr or set pretrain.amp=no")
-            total += loss.detach()
-            count += 1
-            state.step += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        mean_loss = accelerator.reduce(total / max(1, count), "mean").item()
-        state.epoch = epoch + 1
-        row = {"epoch": state.epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], "seconds": timer.seconds}
-        state.history.append(row)
-        accelerator.log({"loss": mean_loss, "lr": row["lr"]}, step=state.epoch)
-        logger.info("mae epoch %d/%d loss %.4f (%.0fs)", state.epoch, pc.epochs, mean_loss, timer.seconds)
-        if state.epoch < pc.epochs:
-            save_checkpoint(accelerator, stage_dir, state.epoch)
-            check_stop(cfg, state.epoch)
+    def step(batch):
+        images = batch[0]
+        with trainer.accelerator.autocast():
+            loss, _, _ = mae(images)
+        return {"loss": loss}
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(mae)
+    trainer.fit(pc.epochs, lambda epoch: loader, step)
+
+    def write():
+        model = trainer.accelerator.unwrap_model(mae)
         save_weights(model.encoder.state_dict(), stage_dir / "encoder.safetensors", {"model": cfg.model.name})
         # spread over the data set (class-sorted sources would otherwise show one class)
         show = np.linspace(0, len(dataset) - 1, min(8, len(dataset))).astype(int)
-        sample = torch.stack([dataset[int(i)][0] for i in show]).to(accelerator.device)
+        sample = torch.stack([dataset[int(i)][0] for i in show]).to(trainer.device)
         save_reconstructions(model, sample, bundle.mean, bundle.std, stage_dir / "reconstruction.png", cfg.seed)
-        write_metrics(
-            stage_dir,
-            {
-                "loss": state.history[-1]["loss"] if state.history else float("nan"),
-                "epochs": pc.epochs,
-                "num_images": len(dataset),
-                "seconds": round(timer.seconds, 1),
-            },
-        )
-        atomic_write_json(stage_dir / "history.json", state.history)
-        plot_curves(state.history, stage_dir / "curves.png", "stage 0: MAE pre-training")
-    accelerator.wait_for_everyone()
-    remove_checkpoints(accelerator, stage_dir)
-    if cfg.tensorboard and accelerator.log_with:
-        finish_trackers(accelerator)
+
+    history = trainer.state.history
+    metrics = {
+        "loss": history[-1]["loss"] if history else float("nan"),
+        "epochs": pc.epochs,
+        "num_images": len(dataset),
+        "seconds": round(trainer.seconds, 1),
+    }
+    trainer.finish(metrics, write, "stage 0: MAE pre-training")
     return stage_dir

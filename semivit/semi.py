@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from timm.loss import SoftTargetCrossEntropy
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
 from semivit.config import Config
 from semivit.data import ImageSource, TwoViewDataset, ViewDataset, build_data, build_transforms, make_split
-from semivit.engine import TrainState, make_accelerator, maybe_resume, prepare_stage_dir, save_checkpoint, warmup_cosine
 from semivit.evaluate import evaluate_models, make_test_loader
 from semivit.finetune import make_mixup
+from semivit.loop import Trainer
 from semivit.models import resolve_weights_file
 from semivit.ssl import (
     DistributionAlignment,
@@ -32,18 +31,7 @@ from semivit.ssl import (
     teacher_pseudo_labels,
     unlabeled_loss,
 )
-from semivit.stage import (
-    Timer,
-    build_classifier,
-    check_stop,
-    cycle,
-    finish_classifier_stage,
-    make_ema,
-    make_loader,
-    make_optimizer,
-    optimizer_step,
-    update_ema,
-)
+from semivit.stage import build_classifier, classifier_outputs, cycle, make_ema, make_optimizer
 
 logger = logging.getLogger("semivit")
 
@@ -81,25 +69,25 @@ def pseudo_label_stats(conf_mask: torch.Tensor, hard: torch.Tensor, true: torch.
     return out
 
 
-def _labeled_loaders(cfg, bundle, tf, labeled_idx, synthetic, ratio):
+def _labeled_loaders(trainer, cfg, bundle, tf, labeled_idx, synthetic, ratio):
     B = cfg.semi.batch_size
-    loaders = []
+    view = tf.get("semi_labeled", tf["train"])
     if synthetic is None:
-        loaders.append(make_loader(ViewDataset(bundle.train, labeled_idx, tf["train"]), B, shuffle=True, cfg=cfg))
-        return loaders
+        return [trainer.loader(ViewDataset(bundle.train, labeled_idx, view), B, shuffle=True)]
     if synthetic.num_classes != bundle.num_classes:
         raise ValueError(
             f"the synthetic set has {synthetic.num_classes} classes, data '{cfg.data.name}' {bundle.num_classes}; "
             "generate it from a model trained on this data set"
         )
+    loaders = []
     b_real, b_syn = round((1 - ratio) * B), round(ratio * B)
-    # synthetic images may differ in size or mode: convert to the data's channels; 'train' resizes
+    # synthetic images may differ in size or mode: convert to the data's channels; the view resizes
     mode = T.Lambda(lambda img: img.convert("L" if bundle.channels == 1 else "RGB"))
     if b_real > 0:
-        loaders.append(make_loader(ViewDataset(bundle.train, labeled_idx, tf["train"]), b_real, shuffle=True, cfg=cfg))
+        loaders.append(trainer.loader(ViewDataset(bundle.train, labeled_idx, view), b_real, shuffle=True))
     if b_syn > 0:
-        syn = ViewDataset(synthetic, np.arange(len(synthetic)), T.Compose([mode, tf["train"]]))
-        loaders.append(make_loader(syn, b_syn, shuffle=True, cfg=cfg))
+        syn = ViewDataset(synthetic, np.arange(len(synthetic)), T.Compose([mode, view]))
+        loaders.append(trainer.loader(syn, b_syn, shuffle=True))
     return loaders
 
 
@@ -109,113 +97,100 @@ def run_semi(
     init: str | None = None,
     synthetic: ImageSource | None = None,
     synthetic_ratio: float = 0.5,
+    name: str = "semi",
 ) -> Path:
     sc = cfg.semi
     stage_dir = Path(out_dir) if out_dir else cfg.run_dir / "stage1" / "semi"
     init_file = resolve_semi_init(cfg, init)
-    accelerator = make_accelerator(cfg, stage_dir, sc.amp, sc.grad_accum)
-    prepare_stage_dir(cfg, stage_dir, accelerator, "semi")
+    trainer = Trainer(
+        cfg,
+        name,
+        stage_dir,
+        sections=("data", "model", "semi", "retrain") if synthetic is not None else ("data", "model", "semi"),
+        amp=sc.amp,
+        grad_accum=sc.grad_accum,
+        clip_grad=sc.clip_grad,
+        skip_nonfinite=not sc.stop_on_nonfinite,
+        nonfinite_hint="lower semi.lr or semi.lambda_u, or set semi.amp=no (semi.stop_on_nonfinite=false skips such steps)",
+    )
     bundle = build_data(cfg.data)
     K = bundle.num_classes
     tf = build_transforms(cfg.data, bundle)
     split = make_split(cfg.data, bundle.train, cfg.seed)
-    lab_loaders = _labeled_loaders(cfg, bundle, tf, split.labeled, synthetic, synthetic_ratio)
+    lab_loaders = _labeled_loaders(trainer, cfg, bundle, tf, split.labeled, synthetic, synthetic_ratio)
     unl_ds = TwoViewDataset(bundle.train, split.unlabeled, tf["weak"], tf["strong"])
-    unl_loader = make_loader(unl_ds, sc.mu * sc.batch_size, shuffle=True, cfg=cfg)
+    unl_loader = trainer.loader(unl_ds, sc.mu * sc.batch_size, shuffle=True)
 
     model = build_classifier(cfg, bundle, str(init_file), strict_head=True)
     ema = make_ema(model, sc.ema_decay)  # the teacher starts equal to the student
     opt = make_optimizer(model, sc.lr, sc.weight_decay, sc.layer_decay)
-    steps_per_epoch = sc.steps_per_epoch or len(unl_loader)  # single-process steps
-    updates_per_epoch = math.ceil(steps_per_epoch / sc.grad_accum)
-    sched = warmup_cosine(opt, int(sc.warmup_epochs * updates_per_epoch), sc.epochs * updates_per_epoch, sc.min_lr / sc.lr)
-    model, opt, unl_loader, sched, *lab_loaders = accelerator.prepare(model, opt, unl_loader, sched, *lab_loaders)
-    test_loader = accelerator.prepare(make_test_loader(cfg, bundle))
-    ema.to(accelerator.device)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(ema)
-    align = make_alignment(sc, bundle.train, split.labeled, K, accelerator)
-    if align is not None:
-        accelerator.register_for_checkpointing(align)
-    maybe_resume(cfg, accelerator, stage_dir)
-    timer = Timer(state)
+    # an epoch: one pass over the unlabeled set (or semi.steps_per_epoch batches), shared by the ranks
+    global_steps = sc.steps_per_epoch or len(unl_loader)
+    model, unl_loader, *lab_loaders = trainer.prepare(
+        model, opt, unl_loader, *lab_loaders, micro_steps=math.ceil(global_steps / trainer.accelerator.num_processes)
+    )
+    trainer.schedule(sc.epochs, int(sc.warmup_epochs * trainer.updates_per_epoch), sc.min_lr / sc.lr)
+    test_loader = trainer.accelerator.prepare(make_test_loader(cfg, bundle))
+    ema.to(trainer.device)
+    align = make_alignment(sc, bundle.train, split.labeled, K, trainer.accelerator)
+    trainer.track(ema=ema, **({"align": align} if align is not None else {}))
+    trainer.resume()
 
     mixup = make_mixup(sc.mixup, sc.cutmix, sc.label_smoothing, K)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=sc.label_smoothing)
     lab_iters = [cycle(ld) for ld in lab_loaders]
-    local_steps = math.ceil(steps_per_epoch / accelerator.num_processes)
     logger.info(
-        "stage 1b (semi, teacher=%s): %d labeled%s, %d unlabeled, %d epochs x %d steps, init %s",
-        sc.teacher, len(split.labeled), f" + {len(synthetic)} synthetic" if synthetic is not None else "",
-        len(unl_ds), sc.epochs, steps_per_epoch, init_file,
+        "stage 1b (%s, teacher=%s): %d labeled%s, %d unlabeled, %d epochs x %d steps, init %s",
+        name, sc.teacher, len(split.labeled), f" + {len(synthetic)} synthetic" if synthetic is not None else "",
+        len(unl_ds), sc.epochs, trainer.updates_per_epoch, init_file,
     )
-    stats: dict = {}
-    for epoch in range(state.epoch, sc.epochs):
-        model.train()
-        sums = torch.zeros(3, device=accelerator.device)  # loss, loss_x, loss_u
-        masks, hards, trues = [], [], []
-        bar = tqdm(total=local_steps, desc=f"semi {epoch + 1}/{sc.epochs}", leave=False, disable=not accelerator.is_local_main_process)
-        step_in_epoch = 0
-        while step_in_epoch < local_steps:
-            for weak_u, strong_u, true_u, _ in unl_loader:
-                if step_in_epoch >= local_steps:
-                    break
-                x_l, y_l = _next_labeled(lab_iters)
-                with accelerator.accumulate(model):
-                    losses, conf_mask, hard = train_step(
-                        model, ema, accelerator, criterion, mixup, sc, K, x_l, y_l, weak_u, strong_u, align
-                    )
-                    if not torch.isfinite(losses[0]):
-                        msg = f"semi loss is {losses[0].item()} at epoch {epoch + 1}; lower semi.lr, lambda_u, or set semi.amp=no"
-                        if sc.stop_on_nonfinite:
-                            raise FloatingPointError(msg + " (semi.stop_on_nonfinite=false skips such steps)")
-                        logger.warning(msg + "; step skipped")
-                        opt.zero_grad(set_to_none=True)
-                        step_in_epoch += 1
-                        continue
-                    accelerator.backward(losses[0])
-                    optimizer_step(accelerator, model, opt, sched, sc.clip_grad)
-                update_ema(accelerator, model, ema, state)  # the teacher follows every optimizer step
-                sums += torch.stack([x.detach().float() for x in losses])
-                masks.append(conf_mask)
-                hards.append(hard)
-                trues.append(true_u)
-                step_in_epoch += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[0].item():.3f}", mask=f"{conf_mask.float().mean().item():.2f}")
-        bar.close()
-        state.epoch = epoch + 1
-        mean = accelerator.reduce(sums / max(1, step_in_epoch), "mean").tolist()
-        stats = pseudo_label_stats(
-            accelerator.gather(torch.cat(masks)).cpu(),
-            accelerator.gather(torch.cat(hards)).cpu(),
-            accelerator.gather(torch.cat(trues)).cpu(),
-            K,
-        )
-        row = {"epoch": state.epoch, "loss": mean[0], "loss_x": mean[1], "loss_u": mean[2], "lr": max(g["lr"] for g in opt.param_groups)}
-        row.update(stats)
-        if sc.eval_every and state.epoch % sc.eval_every == 0 and state.epoch < sc.epochs:
-            m = evaluate_models(model, ema, test_loader, accelerator, K)
-            row.update(top1=m["top1"], top1_ema=m["top1_ema"])
-        row["seconds"] = timer.seconds
-        state.history.append(row)
-        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}, step=state.epoch)
-        logger.info(
-            "semi epoch %d/%d loss %.3f (x %.3f u %.3f) mask %.2f pl_acc %s pl_hist %s%s (%.0fs)",
-            state.epoch, sc.epochs, mean[0], mean[1], mean[2], stats["mask_ratio"],
-            f"{stats['pseudo_label_acc']:.1f}" if "pseudo_label_acc" in stats else "n/a", stats["hist_pseudo"],
-            f" top1 {row['top1']:.2f} ema {row['top1_ema']:.2f}" if "top1" in row else "", timer.seconds,
-        )
-        check_collapse(stats, K, sc.collapse_min_classes, sc.stop_on_collapse, state.epoch)
-        if state.epoch < sc.epochs:
-            save_checkpoint(accelerator, stage_dir, state.epoch)
-            check_stop(cfg, state.epoch)
+    seen: dict[str, list] = {"mask": [], "hard": [], "true": []}
 
-    final = evaluate_models(model, ema, test_loader, accelerator, K)
-    if state.history:
-        state.history[-1].update(top1=final["top1"], top1_ema=final["top1_ema"])
-        stats = {k: v for k, v in state.history[-1].items() if k.startswith(("mask_ratio", "pseudo"))}
+    def batches(epoch):
+        while True:  # the unlabeled loader is passed over as often as the epoch's steps need
+            for weak_u, strong_u, true_u, _ in unl_loader:
+                x_l, y_l = _next_labeled(lab_iters)
+                yield x_l, y_l, weak_u, strong_u, true_u
+
+    def step(batch):
+        x_l, y_l, weak_u, strong_u, true_u = batch
+        losses, conf_mask, hard = train_step(
+            model, ema, trainer.accelerator, criterion, mixup, sc, K, x_l, y_l, weak_u, strong_u, align
+        )
+        seen["mask"].append(conf_mask)
+        seen["hard"].append(hard)
+        seen["true"].append(true_u)
+        return {"loss": losses[0], "loss_x": losses[1], "loss_u": losses[2]}
+
+    def end_epoch(row: dict) -> None:
+        acc = trainer.accelerator
+        stats = pseudo_label_stats(*(acc.gather(torch.cat(seen[k])).cpu() for k in ("mask", "hard", "true")), K)
+        for v in seen.values():
+            v.clear()
+        row.update(stats)
+        if sc.eval_every and row["epoch"] % sc.eval_every == 0 and row["epoch"] < sc.epochs:
+            m = evaluate_models(model, ema, test_loader, acc, K)
+            row.update(top1=m["top1"], top1_ema=m["top1_ema"])
+        logger.info(
+            "%s epoch %d/%d mask %.2f pl_acc %s pl_hist %s",
+            name, row["epoch"], sc.epochs, stats["mask_ratio"],
+            f"{stats['pseudo_label_acc']:.1f}" if "pseudo_label_acc" in stats else "n/a", stats["hist_pseudo"],
+        )
+        check_collapse(stats, K, sc.collapse_min_classes, sc.stop_on_collapse, row["epoch"])
+
+    trainer.fit(
+        sc.epochs,
+        batches,
+        step,
+        on_update=lambda s: ema.update(trainer.accelerator.unwrap_model(model), step=s),  # the teacher follows every optimizer step
+        end_epoch=end_epoch,
+    )
+
+    final = evaluate_models(model, ema, test_loader, trainer.accelerator, K)
+    stats: dict = {}
+    if trainer.state.history:
+        trainer.state.history[-1].update(top1=final["top1"], top1_ema=final["top1_ema"])
+        stats = {k: v for k, v in trainer.state.history[-1].items() if k.startswith(("mask_ratio", "pseudo"))}
     metrics = {
         "top1": final["top1"],
         "top1_ema": final["top1_ema"],
@@ -232,14 +207,13 @@ def run_semi(
         "teacher": sc.teacher,
         "init": str(init_file),
         "epochs": sc.epochs,
-        "seconds": round(timer.seconds, 1),
+        "seconds": round(trainer.seconds, 1),
     }
     if synthetic is not None:
         metrics.update(num_synthetic=len(synthetic), synthetic_ratio=synthetic_ratio)
-    logger.info("semi done: top1 %.2f  top1_ema %.2f (%.0fs)", metrics["top1"], metrics["top1_ema"], timer.seconds)
-    finish_classifier_stage(
-        cfg, accelerator, stage_dir, model, ema, bundle, state, metrics, bundle.train, split.labeled, "stage 1b: Semi-ViT"
-    )
+    logger.info("%s done: top1 %.2f  top1_ema %.2f (%.0fs)", name, metrics["top1"], metrics["top1_ema"], trainer.seconds)
+    write = classifier_outputs(cfg, trainer, model, ema, bundle, bundle.train, split.labeled)
+    trainer.finish(metrics, write, "stage 1b: Semi-ViT" if synthetic is None else "stage 3: DPT retraining")
     return stage_dir
 
 

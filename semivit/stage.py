@@ -4,7 +4,6 @@ optimizer, loaders, the EMA model and the stage's final outputs."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,11 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from semivit.config import Config
-from semivit.data import save_label_split, seed_worker
-from semivit.engine import TrainState, finish_trackers, plot_curves, remove_checkpoints, write_metrics
-from semivit.io import atomic_write_json
+from semivit.data import save_label_split
+from semivit.loop import StopRequested, seed_worker  # noqa: F401  (StopRequested: the CLIs catch it here)
 from semivit.models import classifier_meta, create_classifier, load_encoder_weights, save_classifier
 
 logger = logging.getLogger("semivit")
-
-
-class StopRequested(RuntimeError):
-    """Raised when ``stop_after_epoch`` is reached: the run ends as if interrupted, resumable."""
 
 
 def resolve_init(cfg: Config, init: str | None) -> str | None:
@@ -49,11 +43,19 @@ def build_classifier(cfg: Config, bundle, init: str | None, strict_head: bool = 
     return model
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float):
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer_decay: float, fused: bool | None = None):
     """AdamW with timm's layer-wise lr decay groups. timm stores each group's factor as
-    ``lr_scale`` for its own schedulers; with a torch LambdaLR it must be applied to the group lr."""
+    ``lr_scale`` for its own schedulers; with a torch LambdaLR it must be applied to the group lr.
+    ``fused`` (default: on CUDA) runs the update as one kernel per parameter group."""
+    if fused is None:
+        fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
     opt = create_optimizer_v2(
-        model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay if layer_decay < 1 else None
+        model,
+        "adamw",
+        lr=lr,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay if layer_decay < 1 else None,
+        **({"fused": True} if fused else {}),
     )
     for group in opt.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -93,63 +95,14 @@ def cycle(loader):
         epoch += 1
 
 
-def check_stop(cfg: Config, epoch: int) -> None:
-    if cfg.stop_after_epoch and epoch >= cfg.stop_after_epoch:
-        raise StopRequested(f"stopped after epoch {epoch} (stop_after_epoch={cfg.stop_after_epoch}); run again to resume")
+def classifier_outputs(cfg: Config, trainer, model, ema, bundle, label_source, labeled_idx: np.ndarray):
+    """The files of a classifier folder besides metrics and history: weights + meta and the label
+    split (written by ``Trainer.finish`` on the main process)."""
 
+    def write() -> None:
+        student = trainer.accelerator.unwrap_model(model)
+        save_classifier(trainer.stage_dir, student, ema.module if ema is not None else None, classifier_meta(cfg, bundle))
+        save_label_split(trainer.stage_dir / "label_split.csv", labeled_idx, label_source)
 
-def finish_classifier_stage(
-    cfg: Config,
-    accelerator,
-    stage_dir: Path,
-    model,
-    ema,
-    bundle,
-    state: TrainState,
-    metrics: dict,
-    label_source,
-    labeled_idx: np.ndarray,
-    title: str,
-) -> None:
-    """Write the classifier folder: weights + meta, label split, metrics, history, curves; then
-    drop the resumable state, which is no longer needed."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        student = accelerator.unwrap_model(model)
-        save_classifier(stage_dir, student, ema.module if ema is not None else None, classifier_meta(cfg, bundle))
-        save_label_split(stage_dir / "label_split.csv", labeled_idx, label_source)
-        write_metrics(stage_dir, metrics)
-        atomic_write_json(stage_dir / "history.json", state.history)
-        plot_curves(state.history, stage_dir / "curves.png", title)
-    accelerator.wait_for_everyone()
-    remove_checkpoints(accelerator, stage_dir)
-    if cfg.tensorboard and accelerator.log_with:
-        finish_trackers(accelerator)
+    return write
 
-
-class Timer:
-    """Wall seconds of a stage, carried across resumes through the TrainState history."""
-
-    def __init__(self, state: TrainState):
-        self.start = time.time()
-        self.before = state.history[-1].get("seconds", 0.0) if state.history else 0.0
-
-    @property
-    def seconds(self) -> float:
-        return self.before + time.time() - self.start
-
-
-def optimizer_step(accelerator, model, opt, sched, clip_grad: float) -> None:
-    """After ``backward``: clip (when set, on the accumulation step that syncs), step, schedule, zero."""
-    if clip_grad > 0 and accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def update_ema(accelerator, model, ema, state) -> None:
-    """The EMA (the teacher in the semi stage) follows every optimizer step, not every micro-batch."""
-    if accelerator.sync_gradients:
-        ema.update(accelerator.unwrap_model(model), step=state.step)
-        state.step += 1
