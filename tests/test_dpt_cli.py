@@ -8,6 +8,7 @@ import pytest
 import dpt.train_diffusion as td
 from dpt.cli import build_parser, expand_overrides, main
 from semivit.config import load_config
+from semivit.loop import Trainer
 
 TINY = [
     "data.name=digits",
@@ -83,19 +84,19 @@ def test_train_diffusion_resume(tmp_path, monkeypatch):
     """A run interrupted after its epoch-1 checkpoint continues there: steps, EMA and history carry over."""
     run = tmp_path / "run"
     cfg = load_config(None, [*TINY, f"output_dir={run}", "diffusion.labels=true", "diffusion.epochs=3"])
-    orig = td.save_checkpoint
+    orig = Trainer.save_checkpoint
 
-    def save_then_stop(acc, stage_dir, epoch, *a, **k):
-        orig(acc, stage_dir, epoch, *a, **k)
-        if epoch == 1:
+    def save_then_stop(self):
+        orig(self)
+        if self.state.epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(td, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         td.run_train_diffusion(cfg)
     assert (run / "stage2" / "checkpoints" / "epoch_1").is_dir()
     assert not (run / "stage2" / "model").exists()
-    monkeypatch.setattr(td, "save_checkpoint", orig)
+    monkeypatch.setattr(Trainer, "save_checkpoint", orig)
     td.run_train_diffusion(cfg)
     m = json.loads((run / "stage2" / "metrics.json").read_text())
     assert m["resumed_from_epoch"] == 1 and m["epochs"] == 3
