@@ -83,6 +83,7 @@ STAGES: list[Stage] = [
         "stage0",
         (),
         _lazy("semivit.pretrain", "run_pretrain"),
+        enabled=lambda cfg: cfg.model.init == "auto",  # a given init (a path, or none) needs no stage 0
         split_free=True,
     ),
     Stage(
@@ -210,9 +211,12 @@ def plan(cfg: Config, start: str | None = None) -> list[tuple[Stage, str]]:
 
 
 def _recorded_fingerprint(cfg: Config, stage: Stage, record: dict) -> str | None:
-    """The settings a finished stage ran with: from pipeline.json, else (a stage run on its own,
-    e.g. by the stage scripts) from the config.yaml it saved; None when neither says."""
-    if "fingerprint" in record:
+    """The settings the finished outputs of a stage were made with: from pipeline.json, else (a
+    stage run on its own, e.g. by the stage scripts) from the config.yaml it saved when it
+    finished; None when neither says."""
+    if "done" in record:
+        return record["done"]
+    if "fingerprint" in record:  # pipeline.json of an earlier version: one fingerprint per stage
         return record["fingerprint"]
     saved = cfg.run_dir / stage.folder / "config.yaml" if stage.folder else None
     if saved is not None and saved.is_file():
@@ -224,24 +228,82 @@ def _by_name(name: str) -> Stage:
     return next(s for s in STAGES if s.name == name)
 
 
-def _clear(cfg: Config, stage: Stage, record: dict, fp: str) -> None:
-    """A stage that starts with other settings than its interrupted run starts from nothing:
-    its saved state and partial outputs belong to those other settings."""
-    if record.get("fingerprint") == fp and record.get("status") == "running":
-        return  # same settings, interrupted: keep what is there, the stage resumes from it
-    marker = cfg.run_dir / stage.marker
-    if marker.exists():
-        marker.unlink()
-    if stage.folder and (cfg.run_dir / stage.folder).exists():
-        shutil.rmtree(cfg.run_dir / stage.folder / "checkpoints", ignore_errors=True)
-        if stage.resumes_from_outputs:
-            shutil.rmtree(cfg.run_dir / stage.folder, ignore_errors=True)
+STAGING = ".staging"  # generation with new settings, while the finished images stay in place
+
+
+def _generation_target(cfg: Config, stage: Stage, record: dict, fp: str) -> Config:
+    """Where generation writes. Finished images of other settings stay until the new set is
+    complete: the new one is made in a staging folder and swapped in (``_swap_in``). Partial images
+    of other settings (an interrupted run that was never finished) are not results: they go."""
+    final = cfg.run_dir / stage.folder
+    staging = cfg.run_dir / STAGING / stage.folder
+    if cfg.generate.out:  # the user chose the folder; generate itself refuses mixed settings
+        return cfg
+    finished = (cfg.run_dir / stage.marker).is_file()
+    if finished and _recorded_fingerprint(cfg, stage, record) not in (None, fp):
+        if record.get("running") != fp:
+            shutil.rmtree(staging, ignore_errors=True)
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.generate.out = str(staging)
+        return run_cfg
+    if not finished and final.exists() and record.get("running") not in (None, fp):
+        logger.info("removing %s: partial images of other settings", final)
+        shutil.rmtree(final, ignore_errors=True)
+    return cfg
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by the complete ``staging`` folder: two renames, undone by ``_recover``."""
+    old = final.parent / f".old_{final.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(cfg: Config) -> None:
+    """A swap interrupted between its two renames left the previous results in ``.old_<folder>``."""
+    for stage in STAGES:
+        if stage.folder and "/" not in stage.folder:
+            final, old = cfg.run_dir / stage.folder, cfg.run_dir / f".old_{stage.folder}"
+            if old.is_dir() and not final.exists():
+                old.rename(final)
+
+
+def _peak_memory_reset() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory() -> dict:
+    import torch
+
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_host_gb"] = round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 def run_pipeline(cfg: Config, start: str | None = None) -> dict:
     state_ = distributed_state()
+    if state_.is_main_process:
+        _recover(cfg)
+    state_.wait_for_everyone()
     todo = plan(cfg, start)
-    skipped = [s.name for s in STAGES if s.name not in {t.name for t, _ in todo}]
+    skipped = [s.name for s in STAGES if s.enabled(cfg) and s.name not in {t.name for t, _ in todo}]
     if state_.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         if skipped:
@@ -249,18 +311,24 @@ def run_pipeline(cfg: Config, start: str | None = None) -> dict:
     for k, (stage, reason) in enumerate(todo, 1):
         fp = fingerprint(cfg, stage)
         state = _load_state(cfg)
+        record = dict(state.get(stage.name, {}))
+        run_cfg = _generation_target(cfg, stage, record, fp) if stage.resumes_from_outputs else cfg
+        state_.wait_for_everyone()
         if state_.is_main_process:
             logger.info("=== [%d/%d] %s (%s) ===", k, len(todo), stage.name, reason)
-            _clear(cfg, stage, state.get(stage.name, {}), fp)
-            state[stage.name] = {"fingerprint": fp, "status": "running"}
+            done = _recorded_fingerprint(cfg, stage, record) if (cfg.run_dir / stage.marker).exists() else None
+            state[stage.name] = {**({"done": done} if done else {}), "running": fp}
             atomic_write_json(_state_file(cfg), state)
         state_.wait_for_everyone()
+        _peak_memory_reset()
         t0 = time.time()
-        stage.run(cfg)
+        stage.run(run_cfg)
         state_.wait_for_everyone()
         if state_.is_main_process:
+            if run_cfg is not cfg:
+                _swap_in(Path(run_cfg.generate.out), cfg.run_dir / stage.folder)
             state = _load_state(cfg)
-            state[stage.name] = {"fingerprint": fp, "status": "done", "seconds": round(time.time() - t0, 1)}
+            state[stage.name] = {"done": fp, "seconds": round(time.time() - t0, 1), **_peak_memory()}
             atomic_write_json(_state_file(cfg), state)
         state_.wait_for_everyone()
     summary_file = cfg.run_dir / "summary.json"
@@ -269,9 +337,31 @@ def run_pipeline(cfg: Config, start: str | None = None) -> dict:
         from dpt.report import format_table
 
         print(format_table(summary))
+        print(format_stage_table(cfg, {t.name for t, _ in todo}))
         print(f"report: {cfg.run_dir / 'report.md'}")
     return summary
 
 
+def format_stage_table(cfg: Config, ran: set[str]) -> str:
+    """Each enabled stage: ran now or earlier, its seconds and peak memory (main process)."""
+    state = _load_state(cfg)
+    lines = [f"{'stage':<16} {'':<8} {'seconds':>9} {'peak host GB':>13} {'peak GPU GB':>12}", "-" * 62]
+    for stage in STAGES:
+        if not stage.enabled(cfg):
+            continue
+        rec = state.get(stage.name, {})
+        when = "ran" if stage.name in ran else "earlier"
+        cells = [rec.get("seconds"), rec.get("peak_host_gb"), rec.get("peak_gpu_gb")]
+        sec, host, gpu = ("-" if c is None else f"{c:g}" for c in cells)
+        lines.append(f"{stage.name:<16} {when:<8} {sec:>9} {host:>13} {gpu:>12}")
+    return "\n".join(lines)
+
+
 def stage_seconds(cfg: Config) -> dict:
     return {k: v.get("seconds") for k, v in _load_state(cfg).items() if isinstance(v, dict)}
+
+
+def stage_resources(cfg: Config) -> dict:
+    """Seconds and peak memory of every stage that ran (pipeline.json)."""
+    keys = ("seconds", "peak_host_gb", "peak_gpu_gb")
+    return {k: {x: v[x] for x in keys if x in v} for k, v in _load_state(cfg).items() if isinstance(v, dict)}

@@ -157,6 +157,14 @@ def _set_rng_state(state: dict, generators: list[torch.Generator]) -> None:
         g.set_state(s)
 
 
+def _read_settings(path: Path) -> str | None:
+    """The settings hash a checkpoint folder was saved with; None when missing or unreadable."""
+    try:
+        return json.loads(path.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
     d = to_dict(cfg)
     relevant = {k: d[k] for k in ("seed", "smoke", "checkpoint")} | {s: d[s] for s in sections}
@@ -261,8 +269,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.stage_dir) if self.cfg.resume else None
         if ckpt is None:
             return False
-        saved = ckpt.parent / SETTINGS_FILE
-        made_with = json.loads(saved.read_text()).get("settings") if saved.is_file() else None
+        made_with = _read_settings(ckpt.parent / SETTINGS_FILE)
         if made_with != self.settings:
             logger.warning("%s: ignoring %s, saved with other settings; starting over", self.name, ckpt)
             self.accelerator.wait_for_everyone()
