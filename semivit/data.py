@@ -279,7 +279,9 @@ def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
                 f"the same class names: rename or remove them, or add them to train/"
             )
     if loose:
-        logger.warning("'%s': %d entries that are not class folders are ignored (%s)", folder, len(loose), _examples(loose))
+        logger.warning(
+            "'%s': %d entries that are not class folders are ignored (%s)", folder, len(loose), _examples(loose)
+        )
     index = {c: i for i, c in enumerate(classes)}
     paths, targets, skipped, unreadable, empty = [], [], [], [], []
     for c in found:
@@ -298,7 +300,10 @@ def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
     if skipped:
         logger.warning(
             "'%s': %d files are not images (%s) and are ignored (e.g. %s)",
-            folder, len(skipped), ", ".join(IMAGE_EXTENSIONS), _examples(skipped),
+            folder,
+            len(skipped),
+            ", ".join(IMAGE_EXTENSIONS),
+            _examples(skipped),
         )
     if is_train and empty:
         raise DataError(
@@ -309,7 +314,10 @@ def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
     if not is_train and no_images:
         logger.warning(
             "held-out split '%s' has no images of %d of %d classes (%s): their accuracy is not measured",
-            folder, len(no_images), len(classes), _examples(no_images),
+            folder,
+            len(no_images),
+            len(classes),
+            _examples(no_images),
         )
     if not paths:
         raise DataError(f"'{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -341,11 +349,21 @@ def check_settings(cfg: DataConfig) -> None:
         raise DataError(f"data.channels={cfg.channels}: use 0 (the data set's own), 1 (grayscale) or 3 (RGB)")
     if cfg.image_size < 1:
         raise DataError(f"data.image_size={cfg.image_size}: set the side of the classifier's input in pixels (>= 1)")
-    for key in ("max_train", "max_test", "max_train_per_class", "max_test_per_class", "labels_per_class", "crop_padding", "randaug_num_ops"):
+    for key in (
+        "max_train",
+        "max_test",
+        "max_train_per_class",
+        "max_test_per_class",
+        "labels_per_class",
+        "crop_padding",
+        "randaug_num_ops",
+    ):
         if getattr(cfg, key) < 0:
             raise DataError(f"data.{key}={getattr(cfg, key)} is negative; use 0 (off) or a positive count")
     if not 0 <= cfg.label_percent <= 100:
-        raise DataError(f"data.label_percent={cfg.label_percent}: use a share of each class in (0, 100], or 0 to use data.labels_per_class")
+        raise DataError(
+            f"data.label_percent={cfg.label_percent}: use a share of each class in (0, 100], or 0 to use data.labels_per_class"
+        )
     if not 0 <= cfg.random_erasing <= 1:
         raise DataError(f"data.random_erasing={cfg.random_erasing}: it is a probability, in [0, 1]")
     if cfg.transforms not in TRANSFORM_RECIPES:
@@ -401,7 +419,11 @@ def draw_label_split(
         n = max(1, int(round(len(idx) * percent / 100.0))) if percent > 0 else per_class
         if n > len(idx):
             name = classes[c] if classes else c
-            asked = f"data.label_percent={percent} asks for {n}" if percent > 0 else f"data.labels_per_class={n} asks for {n}"
+            asked = (
+                f"data.label_percent={percent} asks for {n}"
+                if percent > 0
+                else f"data.labels_per_class={n} asks for {n}"
+            )
             raise DataError(
                 f"class '{name}' has {len(idx)} training images but {asked} labeled ones; lower "
                 f"data.labels_per_class, use data.label_percent, or keep more images of the class "
@@ -452,13 +474,20 @@ def _path_tail(p: str) -> tuple:
 def _check_split_paths(path: Path, rows: list[dict], idx: np.ndarray, source: ImageSource) -> None:
     """The ``path`` column must name the images the indices point at. The same class/file names under
     another folder mean the data set moved (another machine, a relative data.root): allowed."""
-    wrong = [(r["path"], source.paths[i]) for r, i in zip(rows, idx, strict=True) if r["path"] and r["path"] != source.paths[i]]
+    wrong = [
+        (r["path"], source.paths[i])
+        for r, i in zip(rows, idx, strict=True)
+        if r["path"] and r["path"] != source.paths[i]
+    ]
     if not wrong:
         return
     if all(_path_tail(a) == _path_tail(b) for a, b in wrong):
         logger.warning(
             "label split file '%s' names the images under another folder (e.g. '%s', now '%s'); the class and "
-            "file names match, so it is used", path, wrong[0][0], wrong[0][1],
+            "file names match, so it is used",
+            path,
+            wrong[0][0],
+            wrong[0][1],
         )
         return
     raise DataError(
@@ -529,7 +558,8 @@ def _warn_unused_label_settings(cfg: DataConfig) -> None:
     elif not cfg.label_csv and cfg.label_percent > 0 and cfg.labels_per_class > 0:
         logger.warning(
             "data.label_percent=%s is used; data.labels_per_class=%d is ignored (set one of them to 0)",
-            cfg.label_percent, cfg.labels_per_class,
+            cfg.label_percent,
+            cfg.labels_per_class,
         )
 
 
@@ -545,7 +575,9 @@ def make_split(cfg: DataConfig, source: ImageSource, seed: int) -> Split:
     if len(unlabeled_classes):
         logger.warning(
             "the labeled split has no image of %d of %d classes (%s): the classifier learns them from "
-            "pseudo-labels alone", len(unlabeled_classes), source.num_classes,
+            "pseudo-labels alone",
+            len(unlabeled_classes),
+            source.num_classes,
             _examples([source.classes[c] for c in unlabeled_classes]),
         )
     if cfg.unlabeled_includes_labeled:
@@ -578,9 +610,7 @@ def _small_views(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]:
     weak = T.Compose(geo + normalize)
     strong_ops = list(geo)
     if cfg.randaug_num_ops > 0:
-        strong_ops.append(
-            T.RandAugment(cfg.randaug_num_ops, cfg.randaug_magnitude, fill=[0] * bundle.channels)
-        )
+        strong_ops.append(T.RandAugment(cfg.randaug_num_ops, cfg.randaug_magnitude, fill=[0] * bundle.channels))
     strong_ops += normalize
     if cfg.random_erasing > 0:
         strong_ops.append(T.RandomErasing(p=cfg.random_erasing, value=0))
@@ -631,7 +661,9 @@ def _semivit_views(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]:
 
     size = cfg.image_size
     flip = 0.5 if cfg.hflip else 0.0
-    base = dict(input_size=size, is_training=True, interpolation="bicubic", hflip=flip, mean=bundle.mean, std=bundle.std)
+    base = dict(
+        input_size=size, is_training=True, interpolation="bicubic", hflip=flip, mean=bundle.mean, std=bundle.std
+    )
     erasing = dict(re_prob=cfg.random_erasing, re_mode="pixel", re_count=1)
     randaug = _timm_randaugment(cfg)
     normalize = [T.ToTensor(), T.Normalize(bundle.mean, bundle.std)]
@@ -643,7 +675,9 @@ def _semivit_views(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]:
     strong = _pillow_safe(create_transform(**base, auto_augment=randaug, color_jitter=SEMIVIT_COLOR_JITTER, **erasing))
     weak = create_transform(**base, auto_augment=None, color_jitter=SEMIVIT_COLOR_JITTER, re_prob=0.0)
     flips = [T.RandomHorizontalFlip()] if cfg.hflip else []
-    pretrain = T.Compose([T.RandomResizedCrop(size, scale=MAE_PRETRAIN_SCALE, interpolation=bicubic), *flips, *normalize])
+    pretrain = T.Compose(
+        [T.RandomResizedCrop(size, scale=MAE_PRETRAIN_SCALE, interpolation=bicubic), *flips, *normalize]
+    )
     test = T.Compose([T.Resize(_semivit_eval_resize(size), interpolation=bicubic), T.CenterCrop(size), *normalize])
     return {"train": train, "weak": weak, "strong": strong, "test": test, "pretrain": pretrain}
 
