@@ -217,14 +217,21 @@ def _examples(items, k: int = 3) -> str:
     return shown + (f" and {len(items) - k} more" if len(items) > k else "")
 
 
+def _entries(folder) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as e:
+        raise DataError(f"cannot list folder '{folder}' under data.root: {e.strerror}; check its permissions") from e
+
+
 def _class_folders(folder: Path) -> tuple[list[str], list[str]]:
     """Names of the class folders of a split (links to folders count), and of its other entries.
     Hidden entries (.DS_Store, .ipynb_checkpoints, ...) are not part of the data."""
     dirs, other = [], []
-    with os.scandir(folder) as entries:
-        for e in entries:
-            if not e.name.startswith("."):
-                (dirs if e.is_dir() else other).append(e.name)
+    for e in _entries(folder):
+        if not e.name.startswith("."):
+            (dirs if e.is_dir() else other).append(e.name)
     return sorted(dirs), sorted(other)
 
 
@@ -241,19 +248,18 @@ def _image_files(class_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
         if real in seen:  # a link back to a folder already listed would repeat (or loop)
             continue
         seen.add(real)
-        with os.scandir(d) as entries:
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                path = Path(e.path)
-                if e.is_dir():
-                    stack.append(path)
-                elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    others.append(path)
-                elif not e.is_file():
-                    unreadable.append(path)
-                else:
-                    images.append(path)
+        for e in _entries(d):
+            if e.name.startswith("."):
+                continue
+            path = Path(e.path)
+            if e.is_dir():
+                stack.append(path)
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                others.append(path)
+            elif not e.is_file():
+                unreadable.append(path)
+            else:
+                images.append(path)
     return sorted(images), others, unreadable
 
 
@@ -427,7 +433,7 @@ def draw_label_split(
             raise DataError(
                 f"class '{name}' has {len(idx)} training images but {asked} labeled ones; lower "
                 f"data.labels_per_class, use data.label_percent, or keep more images of the class "
-                f"(data.max_train keeps only the first images of the data set)"
+                f"(data.max_train and data.max_train_per_class keep only the first images)"
             )
         chosen.append(rng.choice(idx, size=n, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)

@@ -1,5 +1,7 @@
 """User data on disk (ImageFolder layout) and the file-safety helpers every stage writes through."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,18 @@ def test_every_image_labeled_leaves_no_unlabeled_set_for_the_semi_stage():
         TwoViewDataset(src, split.unlabeled, lambda x: x, lambda x: x)
     split = make_split(DataConfig(labels_per_class=4, unlabeled_includes_labeled=True), src, seed=0)
     assert len(TwoViewDataset(src, split.unlabeled, lambda x: x, lambda x: x)) == 12
+
+
+def test_link_loop_and_unreadable_folder(tmp_path):
+    root = make_folder(tmp_path / "d", n=2)
+    (root / "train" / "cat" / "again").symlink_to(root / "train" / "cat")  # would recurse forever
+    assert len(build_data(folder_cfg(root)).train) == 6
+    locked = root / "train" / "dog"
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("running with permissions that read any folder")
+        with pytest.raises(DataError, match="cannot list folder .*dog"):
+            build_data(folder_cfg(root))
+    finally:
+        locked.chmod(0o755)
