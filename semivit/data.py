@@ -335,9 +335,14 @@ def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
         raise DataError("data.name=imagefolder needs data.root=DIR with DIR/train/<class>/*.png and DIR/val/<class>/*")
     rootp = Path(root).expanduser()
     if not rootp.exists():
-        raise DataError(f"data.root='{root}' does not exist: set it to the folder that holds train/ and val/")
+        raise DataError(
+            f"data.root='{root}' does not exist: set it to the folder that holds {rootp / 'train'}/<class>/ "
+            f"and {rootp / 'val'}/<class>/"
+        )
     if not rootp.is_dir():
-        raise DataError(f"data.root='{root}' is a file: set it to the folder that holds train/ and val/")
+        raise DataError(
+            f"data.root='{root}' is a file: set it to the folder that holds train/<class>/ and val/<class>/"
+        )
     if not (rootp / "train").is_dir():
         raise DataError(f"'{rootp / 'train'}' not found: data.root must hold train/<class_name>/ folders")
     held_out = next((rootp / s for s in ("val", "test") if (rootp / s).is_dir()), None)
