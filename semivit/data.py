@@ -336,8 +336,8 @@ def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
     rootp = Path(root).expanduser()
     if not rootp.exists():
         raise DataError(
-            f"data.root='{root}' does not exist: set it to the folder that holds {rootp / 'train'}/<class>/ "
-            f"and {rootp / 'val'}/<class>/"
+            f"data.root='{root}' does not exist (expected {rootp / 'train'}/<class>/ and {rootp / 'val'}/<class>/): "
+            "set it to the folder that holds train/ and val/"
         )
     if not rootp.is_dir():
         raise DataError(
