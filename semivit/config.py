@@ -34,22 +34,30 @@ class DataConfig:
     image_size: int = 28
     channels: int = 0  # 0: the data set's own (1 for digits, 3 otherwise); 1 or 3 to force
     labels_per_class: int = 10  # labeled images per class (used when label_percent is 0)
-    label_percent: float = 0.0  # percent of each class that is labeled (>0 overrides labels_per_class)
-    label_csv: str = ""  # load the labeled split from this CSV instead of drawing it
+    label_percent: float = 0.0  # percent of each class that is labeled, (0, 100] (>0 overrides labels_per_class)
+    label_csv: str = ""  # load the labeled split from this CSV instead of drawing it (overrides both)
     unlabeled_includes_labeled: bool = False
+    # subsets in source order; the per-class caps apply first, the class list never changes
     max_train: int = 0  # >0: use only the first N training images (quick experiments, tests)
     max_test: int = 0
     max_train_per_class: int = 0  # >0: the first N training images of each class (smoke runs)
     max_test_per_class: int = 0  # >0: the first N held-out images of each class
-    # augmentation recipe: small (resize + pad-crop, for 28-32 px data) | semivit (the published
-    # Semi-ViT ImageNet views: random resized crop, timm RandAugment, bicubic, resize-256 centre crop)
+    # augmentation recipe, and which of the settings below it reads:
+    #   small: for 28-32 px data. Weak: resize + random translation (crop_padding) + flip (hflip).
+    #     Strong and labeled: weak + torchvision RandAugment (randaug_num_ops, randaug_magnitude on
+    #     torchvision's 0-30 scale) + random erasing (random_erasing). Test: resize. Pre-training: weak.
+    #   semivit: the published Semi-ViT views (ImageNet), bicubic throughout, crop_padding unused.
+    #     Labeled and strong: RandomResizedCrop (scale 0.08-1) + flip (hflip) + timm RandAugment
+    #     rand-m{randaug_magnitude}-n{randaug_num_ops}-mstd0.5-inc1 (timm's 0-10 scale; published m9 n2)
+    #     + pixel random erasing (random_erasing). Weak: RandomResizedCrop + flip + ColorJitter 0.4.
+    #     Test: resize to image_size/0.875 (up to 224 px; image_size above) + centre crop.
+    #     Pre-training: MAE's RandomResizedCrop (scale 0.2-1) + flip.
     transforms: str = "small"
-    # augmentation
     hflip: bool = False  # never for digits
-    crop_padding: int = 2  # random translation by padding + random crop (pixels at image_size)
-    randaug_num_ops: int = 2
+    crop_padding: int = 2  # small only: random translation by padding + random crop (pixels at image_size)
+    randaug_num_ops: int = 2  # 0: no RandAugment
     randaug_magnitude: int = 10
-    random_erasing: float = 0.25
+    random_erasing: float = 0.25  # probability; Semi-ViT's value differs by stage in some settings (see configs)
     num_workers: int = 0
 
 

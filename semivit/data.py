@@ -8,6 +8,8 @@ look the same to the training code, which only ever sees index lists into a sour
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,13 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from semivit.config import DataConfig
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+logger = logging.getLogger("semivit")
+
+# torchvision's ImageFolder list, so an index split made for the published code sees the same files
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+TRANSFORM_RECIPES = ("small", "semivit")
 MNIST5K_SPLIT_SEED = 0  # the fixed 4000/1000 split of the embedded MNIST-5k set
 DIGITS_SPLIT_SEED = 0
 
@@ -79,21 +85,53 @@ class FileSource(ImageSource):
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                return img.convert(self.mode)
+                return _to_8bit(img).convert(self.mode)
         except Exception as e:
             raise DataError(f"cannot read image '{path}': {e}. Remove or replace the file.") from e
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (PNG/TIFF) scaled to 8 bits; PIL's own conversion clips at 255, which turns
+    most of such an image white."""
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return img
+    wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+    return Image.fromarray((wide >> 8).astype(np.uint8))
+
+
+def take(source: ImageSource, indices) -> ImageSource:
+    """The samples ``indices`` (ascending) of a source; sample names (``paths``) are kept."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if isinstance(source, ArraySource):
+        sub = ArraySource(source.images[indices], source.targets[indices], source.classes, prefix="")
+        sub.paths = [source.paths[i] for i in indices]
+        return sub
+    assert isinstance(source, FileSource)
+    return FileSource([source.paths[i] for i in indices], source.targets[indices], source.classes, source.mode)
 
 
 def subset_source(source: ImageSource, n: int) -> ImageSource:
     """The first ``n`` samples of a source (quick experiments)."""
     if n <= 0 or n >= len(source):
         return source
-    if isinstance(source, ArraySource):
-        sub = ArraySource(source.images[:n], source.targets[:n], source.classes, prefix="")
-        sub.paths = source.paths[:n]
-        return sub
-    assert isinstance(source, FileSource)
-    return FileSource(source.paths[:n], source.targets[:n], source.classes, source.mode)
+    return take(source, np.arange(n))
+
+
+def first_per_class(targets: np.ndarray, n: int) -> np.ndarray:
+    """Indices (ascending) of the first ``n`` samples of each class, in source order."""
+    order = np.argsort(targets, kind="stable")
+    ordered = targets[order]
+    # position of each sample among the samples of its class
+    rank = np.arange(len(order)) - np.searchsorted(ordered, ordered, side="left")
+    return np.sort(order[rank < n])
+
+
+def cap_per_class(source: ImageSource, n: int) -> ImageSource:
+    """The first ``n`` samples of each class; the class list stays the same."""
+    if n <= 0:
+        return source
+    keep = first_per_class(source.targets, n)
+    return source if len(keep) == len(source) else take(source, keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,26 +212,119 @@ def _cifar(name: str, root: str) -> tuple[ImageSource, ImageSource]:
     )
 
 
+def _examples(items, k: int = 3) -> str:
+    shown = ", ".join(f"'{x}'" for x in list(items)[:k])
+    return shown + (f" and {len(items) - k} more" if len(items) > k else "")
+
+
+def _entries(folder) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as e:
+        raise DataError(f"cannot list folder '{folder}' under data.root: {e.strerror}; check its permissions") from e
+
+
+def _class_folders(folder: Path) -> tuple[list[str], list[str]]:
+    """Names of the class folders of a split (links to folders count), and of its other entries.
+    Hidden entries (.DS_Store, .ipynb_checkpoints, ...) are not part of the data."""
+    dirs, other = [], []
+    for e in _entries(folder):
+        if not e.name.startswith("."):
+            (dirs if e.is_dir() else other).append(e.name)
+    return sorted(dirs), sorted(other)
+
+
+def _image_files(class_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Image files anywhere under a class folder, following links to folders as torchvision's
+    ImageFolder does, and skipping hidden files and folders. Also returns the files that are not
+    images, and image names that are not readable files (links that point nowhere)."""
+    images, others, unreadable = [], [], []
+    seen: set[str] = set()
+    stack = [class_dir]
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if real in seen:  # a link back to a folder already listed would repeat (or loop)
+            continue
+        seen.add(real)
+        for e in _entries(d):
+            if e.name.startswith("."):
+                continue
+            path = Path(e.path)
+            if e.is_dir():
+                stack.append(path)
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                others.append(path)
+            elif not e.is_file():
+                unreadable.append(path)
+            else:
+                images.append(path)
+    return sorted(images), others, unreadable
+
+
 def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], list[str], list[int]]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if classes is None:
+    """Images and labels of one split folder. ``classes`` None: this is train/ and its class folders
+    are the classes; otherwise the held-out split, whose classes must be among them."""
+    is_train = classes is None
+    found, loose = _class_folders(folder)
+    if not found:
+        held = f" It holds {len(loose)} other entries (e.g. {_examples(loose)})." if loose else ""
+        raise DataError(
+            f"'{folder}' has no class folders; expected {folder}/<class_name>/<image>, one folder per class "
+            f"with the class names of train/ (ImageNet's val/ comes as one flat folder: sort it into "
+            f"class folders first).{held}"
+        )
+    if is_train:
         classes = found
-        if not classes:
-            raise DataError(f"'{folder}' has no class folders; expected {folder}/<class_name>/*.png")
     else:
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise DataError(f"'{folder}' has classes not in train/: {unknown[:5]}; both splits need the same classes")
-    index = {c: i for i, c in enumerate(classes)}
-    paths, targets = [], []
-    for c in found:
-        files = sorted(
-            p for p in (folder / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            raise DataError(
+                f"'{folder}' has class folders that train/ lacks: {_examples(unknown)}; both splits need "
+                f"the same class names: rename or remove them, or add them to train/"
+            )
+    if loose:
+        logger.warning(
+            "'%s': %d entries that are not class folders are ignored (%s)", folder, len(loose), _examples(loose)
         )
-        if not files and folder.name == "train":
-            raise DataError(f"class folder '{folder / c}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    index = {c: i for i, c in enumerate(classes)}
+    paths, targets, skipped, unreadable, empty = [], [], [], [], []
+    for c in found:
+        files, others, bad = _image_files(folder / c)
+        skipped += others
+        unreadable += bad
+        if not files:
+            empty.append(c)
         paths += [str(p) for p in files]
         targets += [index[c]] * len(files)
+    if unreadable:
+        raise DataError(
+            f"'{folder}': {len(unreadable)} image names are not readable files (links that point nowhere?): "
+            f"{_examples(unreadable)}. Restore their targets or delete them."
+        )
+    if skipped:
+        logger.warning(
+            "'%s': %d files are not images (%s) and are ignored (e.g. %s)",
+            folder,
+            len(skipped),
+            ", ".join(IMAGE_EXTENSIONS),
+            _examples(skipped),
+        )
+    if is_train and empty:
+        raise DataError(
+            f"class folders {_examples([folder / c for c in empty])} hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            "add images or remove the folders"
+        )
+    no_images = sorted(set(classes) - set(found) | set(empty), key=index.get)
+    if not is_train and no_images:
+        logger.warning(
+            "held-out split '%s' has no images of %d of %d classes (%s): their accuracy is not measured",
+            folder,
+            len(no_images),
+            len(classes),
+            _examples(no_images),
+        )
     if not paths:
         raise DataError(f"'{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return classes, paths, targets
@@ -202,7 +333,16 @@ def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
 def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
     if not root:
         raise DataError("data.name=imagefolder needs data.root=DIR with DIR/train/<class>/*.png and DIR/val/<class>/*")
-    rootp = Path(root)
+    rootp = Path(root).expanduser()
+    if not rootp.exists():
+        raise DataError(
+            f"data.root='{root}' does not exist (expected {rootp / 'train'}/<class>/ and {rootp / 'val'}/<class>/): "
+            "set it to the folder that holds train/ and val/"
+        )
+    if not rootp.is_dir():
+        raise DataError(
+            f"data.root='{root}' is a file: set it to the folder that holds train/<class>/ and val/<class>/"
+        )
     if not (rootp / "train").is_dir():
         raise DataError(f"'{rootp / 'train'}' not found: data.root must hold train/<class_name>/ folders")
     held_out = next((rootp / s for s in ("val", "test") if (rootp / s).is_dir()), None)
@@ -214,7 +354,42 @@ def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
     return FileSource(tr_paths, tr_targets, classes, mode), FileSource(te_paths, te_targets, classes, mode)
 
 
+def check_settings(cfg: DataConfig) -> None:
+    """Settings of the data section whose wrong values would otherwise fail late or pass silently."""
+    if cfg.channels not in (0, 1, 3):
+        raise DataError(f"data.channels={cfg.channels}: use 0 (the data set's own), 1 (grayscale) or 3 (RGB)")
+    if cfg.image_size < 1:
+        raise DataError(f"data.image_size={cfg.image_size}: set the side of the classifier's input in pixels (>= 1)")
+    for key in (
+        "max_train",
+        "max_test",
+        "max_train_per_class",
+        "max_test_per_class",
+        "labels_per_class",
+        "crop_padding",
+        "randaug_num_ops",
+    ):
+        if getattr(cfg, key) < 0:
+            raise DataError(f"data.{key}={getattr(cfg, key)} is negative; use 0 (off) or a positive count")
+    if not 0 <= cfg.label_percent <= 100:
+        raise DataError(
+            f"data.label_percent={cfg.label_percent}: use a share of each class in (0, 100], or 0 to use data.labels_per_class"
+        )
+    if not 0 <= cfg.random_erasing <= 1:
+        raise DataError(f"data.random_erasing={cfg.random_erasing}: it is a probability, in [0, 1]")
+    if cfg.transforms not in TRANSFORM_RECIPES:
+        raise DataError(f"data.transforms='{cfg.transforms}': use one of {', '.join(TRANSFORM_RECIPES)}")
+    # RandAugment magnitudes are on torchvision's scale (31 levels) in 'small', on timm's (0-10) in 'semivit'
+    top = 30 if cfg.transforms == "small" else 10
+    if not 0 <= cfg.randaug_magnitude <= top:
+        raise DataError(
+            f"data.randaug_magnitude={cfg.randaug_magnitude}: data.transforms={cfg.transforms} takes 0-{top}"
+            + (" (timm's scale; the published Semi-ViT value is 9)" if top == 10 else " (torchvision's scale)")
+        )
+
+
 def build_data(cfg: DataConfig) -> DataBundle:
+    check_settings(cfg)
     name = cfg.name
     if name == "mnist5k":
         train, test, channels = *_mnist5k(), 1
@@ -229,8 +404,9 @@ def build_data(cfg: DataConfig) -> DataBundle:
         raise DataError(f"unknown data.name '{name}': use mnist5k, digits, imagefolder, cifar10 or cifar100")
     if cfg.channels and cfg.channels != channels:
         raise DataError(f"data.channels={cfg.channels} does not match {name} ({channels} channels)")
-    train = subset_source(train, cfg.max_train)
-    test = subset_source(test, cfg.max_test)
+    # per-class caps first, so max_train/max_test then bound the total of a balanced subset
+    train = subset_source(cap_per_class(train, cfg.max_train_per_class), cfg.max_train)
+    test = subset_source(cap_per_class(test, cfg.max_test_per_class), cfg.max_test)
     mean, std = _STATS[name]
     if channels == 1 and len(mean) == 3:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
@@ -254,9 +430,15 @@ def draw_label_split(
         n = max(1, int(round(len(idx) * percent / 100.0))) if percent > 0 else per_class
         if n > len(idx):
             name = classes[c] if classes else c
+            asked = (
+                f"data.label_percent={percent} asks for {n}"
+                if percent > 0
+                else f"data.labels_per_class={n} asks for {n}"
+            )
             raise DataError(
-                f"class '{name}' has {len(idx)} training images but data.labels_per_class={n} labels were asked "
-                f"for; lower data.labels_per_class or use data.label_percent"
+                f"class '{name}' has {len(idx)} training images but {asked} labeled ones; lower "
+                f"data.labels_per_class, use data.label_percent, or keep more images of the class "
+                f"(data.max_train and data.max_train_per_class keep only the first images)"
             )
         chosen.append(rng.choice(idx, size=n, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
@@ -272,36 +454,107 @@ def save_label_split(path: str | Path, indices: np.ndarray, source: ImageSource)
             w.writerow([int(i), source.paths[i], int(source.targets[i])])
 
 
+def _read_split_rows(path: Path) -> list[dict]:
+    """Rows of a split CSV; a row with fewer or more fields than the header is an error."""
+    try:
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"label split file '{path}' (data.label_csv) is not a readable CSV text file: {e}") from e
+    for line, r in enumerate(rows, start=2):
+        if None in r or None in r.values():  # DictReader's marks for extra / missing fields
+            raise DataError(
+                f"label split file '{path}', row {line}: {'more' if None in r else 'fewer'} fields than the "
+                f"header {[k for k in r if k is not None]}; quote paths that hold commas"
+            )
+    return rows
+
+
+def _int_column(path: Path, rows: list[dict], key: str) -> np.ndarray:
+    try:
+        return np.array([int(r[key].strip()) for r in rows], dtype=np.int64)
+    except ValueError as e:
+        raise DataError(f"label split file '{path}': column '{key}' must hold whole numbers ({e})") from e
+
+
+def _path_tail(p: str) -> tuple:
+    return Path(p).parts[-2:]  # class folder and file name
+
+
+def _check_split_paths(path: Path, rows: list[dict], idx: np.ndarray, source: ImageSource) -> None:
+    """The ``path`` column must name the images the indices point at. The same class/file names under
+    another folder mean the data set moved (another machine, a relative data.root): allowed."""
+    wrong = [
+        (r["path"], source.paths[i])
+        for r, i in zip(rows, idx, strict=True)
+        if r["path"] and r["path"] != source.paths[i]
+    ]
+    if not wrong:
+        return
+    if all(_path_tail(a) == _path_tail(b) for a, b in wrong):
+        logger.warning(
+            "label split file '%s' names the images under another folder (e.g. '%s', now '%s'); the class and "
+            "file names match, so it is used",
+            path,
+            wrong[0][0],
+            wrong[0][1],
+        )
+        return
+    raise DataError(
+        f"label split file '{path}': {len(wrong)} paths differ from the data set at the same index "
+        f"(e.g. '{wrong[0][0]}', the data set has '{wrong[0][1]}'); the data set changed since the split "
+        "was written: draw a new split or restore the data set"
+    )
+
+
+def _check_split_labels(path: Path, rows: list[dict], idx: np.ndarray, source: ImageSource) -> None:
+    given = [(k, r["label"]) for k, r in enumerate(rows) if r["label"].strip()]
+    if not given:
+        return
+    labels = _int_column(path, [{"label": v} for _, v in given], "label")
+    at = idx[[k for k, _ in given]]
+    bad = np.flatnonzero(labels != source.targets[at])
+    if len(bad):
+        k = bad[0]
+        raise DataError(
+            f"label split file '{path}': {len(bad)} labels differ from the data set's (e.g. index {at[k]}: "
+            f"file {labels[k]}, data set {source.targets[at[k]]}); the class list changed (class folders added "
+            "or renamed?) or the file belongs to another data set"
+        )
+
+
 def load_label_split(path: str | Path, source: ImageSource) -> np.ndarray:
-    """Read a split CSV (``index`` column, or Semi-ViT's ``Index``); indices must fit the source."""
-    path = Path(path)
+    """Read a split CSV (``index`` column, or Semi-ViT's ``Index``); indices must fit the source,
+    appear once, and agree with the optional ``path`` and ``label`` columns."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"label split file '{path}' (data.label_csv) not found")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_split_rows(path)
     if not rows:
-        raise DataError(f"label split file '{path}' has no rows")
+        raise DataError(f"label split file '{path}' (data.label_csv) has no rows: it lists no labeled image")
     key = "index" if "index" in rows[0] else "Index" if "Index" in rows[0] else None
     if key is None:
         raise DataError(f"label split file '{path}' needs a column 'index' (or 'Index'); found {list(rows[0])}")
-    try:
-        idx = np.array([int(r[key]) for r in rows], dtype=np.int64)
-    except ValueError as e:
-        raise DataError(f"label split file '{path}': non-integer index ({e})") from e
+    idx = _int_column(path, rows, key)
     bad = idx[(idx < 0) | (idx >= len(source))]
     if len(bad):
         raise DataError(
             f"label split file '{path}' has indices out of range [0, {len(source)}): e.g. {bad[:5].tolist()}; "
-            "it was made for another data set"
+            "it was made for another data set (or for other data.max_train / max_train_per_class)"
+        )
+    values, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        dup = values[counts > 1]
+        raise DataError(
+            f"label split file '{path}' lists {len(dup)} indices more than once (e.g. {dup[:5].tolist()}); "
+            "each labeled image must appear once"
         )
     if "path" in rows[0]:
-        wrong = [r["path"] for r, i in zip(rows, idx, strict=True) if r["path"] and r["path"] != source.paths[i]]
-        if wrong:
-            raise DataError(
-                f"label split file '{path}': {len(wrong)} paths differ from the data set at the same index "
-                f"(e.g. '{wrong[0]}'); the data set changed since the split was written"
-            )
-    return np.unique(idx)
+        _check_split_paths(path, rows, idx, source)
+    if "label" in rows[0]:
+        _check_split_labels(path, rows, idx, source)
+    return values
 
 
 @dataclass
@@ -310,12 +563,33 @@ class Split:
     unlabeled: np.ndarray
 
 
+def _warn_unused_label_settings(cfg: DataConfig) -> None:
+    if cfg.label_csv and cfg.label_percent > 0:
+        logger.warning("data.label_csv is used; data.label_percent=%s is ignored", cfg.label_percent)
+    elif not cfg.label_csv and cfg.label_percent > 0 and cfg.labels_per_class > 0:
+        logger.warning(
+            "data.label_percent=%s is used; data.labels_per_class=%d is ignored (set one of them to 0)",
+            cfg.label_percent,
+            cfg.labels_per_class,
+        )
+
+
 def make_split(cfg: DataConfig, source: ImageSource, seed: int) -> Split:
+    _warn_unused_label_settings(cfg)
     if cfg.label_csv:
         labeled = load_label_split(cfg.label_csv, source)
     else:
         labeled = draw_label_split(
             source.targets, source.num_classes, seed, cfg.labels_per_class, cfg.label_percent, source.classes
+        )
+    unlabeled_classes = np.setdiff1d(np.arange(source.num_classes), source.targets[labeled])
+    if len(unlabeled_classes):
+        logger.warning(
+            "the labeled split has no image of %d of %d classes (%s): the classifier learns them from "
+            "pseudo-labels alone",
+            len(unlabeled_classes),
+            source.num_classes,
+            _examples([source.classes[c] for c in unlabeled_classes]),
         )
     if cfg.unlabeled_includes_labeled:
         unlabeled = np.arange(len(source))
@@ -333,12 +607,9 @@ def _fill(channels: int):
     return 0 if channels == 1 else (0, 0, 0)
 
 
-def build_transforms(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]:
-    """``train`` (labeled, = strong), ``weak`` and ``strong`` (unlabeled views) and ``test``.
-
-    Weak: resize, random translation (pad + crop), optional flip. Strong: weak + RandAugment +
-    random erasing, as in Semi-ViT/FixMatch. Digits are never flipped unless data.hflip says so.
-    """
+def _small_views(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]:
+    """Weak: resize, random translation (pad + crop), optional flip. Strong: weak + RandAugment +
+    random erasing, as in Semi-ViT/FixMatch. Digits are never flipped unless data.hflip says so."""
     size = cfg.image_size
     normalize = [T.ToTensor(), T.Normalize(bundle.mean, bundle.std)]
     resize = [T.Resize(size, antialias=True), T.CenterCrop(size)]
@@ -350,14 +621,86 @@ def build_transforms(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]
     weak = T.Compose(geo + normalize)
     strong_ops = list(geo)
     if cfg.randaug_num_ops > 0:
-        strong_ops.append(
-            T.RandAugment(cfg.randaug_num_ops, cfg.randaug_magnitude, fill=[0] * bundle.channels)
-        )
+        strong_ops.append(T.RandAugment(cfg.randaug_num_ops, cfg.randaug_magnitude, fill=[0] * bundle.channels))
     strong_ops += normalize
     if cfg.random_erasing > 0:
         strong_ops.append(T.RandomErasing(p=cfg.random_erasing, value=0))
     strong = T.Compose(strong_ops)
-    return {"train": strong, "weak": weak, "strong": strong, "test": T.Compose(resize + normalize)}
+    return {"train": strong, "weak": weak, "strong": strong, "test": T.Compose(resize + normalize), "pretrain": weak}
+
+
+SEMIVIT_COLOR_JITTER = 0.4  # main_semi.py's default; timm leaves it out of views that use RandAugment
+MAE_PRETRAIN_SCALE = (0.2, 1.0)  # MAE pre-training crops larger parts of the image than fine-tuning's (0.08, 1)
+
+
+def _timm_randaugment(cfg: DataConfig) -> str | None:
+    """timm's RandAugment spec: Semi-ViT's ``rand-m9-mstd0.5-inc1`` with this config's magnitude and
+    number of ops (timm's default n is 2)."""
+    if cfg.randaug_num_ops == 0:
+        return None
+    return f"rand-m{cfg.randaug_magnitude}-n{cfg.randaug_num_ops}-mstd0.5-inc1"
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Posterize that keeps 0 bits as older Pillow did (a black image); Pillow >= 10 refuses 0,
+    which timm's PosterizeIncreasing asks for at magnitude 10, often reached with mstd 0.5."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe(transform: T.Compose) -> T.Compose:
+    for t in transform.transforms:
+        for op in getattr(t, "ops", []):  # timm's RandAugment holds its AugmentOps in .ops
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
+def _semivit_eval_resize(size: int) -> int:
+    # Semi-ViT/MAE evaluate at crop_pct 224/256 up to 224 px and crop the whole resized image above
+    crop_pct = 224 / 256 if size <= 224 else 1.0
+    return int(size / crop_pct)
+
+
+def _semivit_views(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]:
+    """The views of Semi-ViT's util/datasets.py (timm ``create_transform``), MAE's pre-training view,
+    and the resize + centre-crop evaluation; bicubic throughout."""
+    from timm.data import create_transform
+
+    size = cfg.image_size
+    flip = 0.5 if cfg.hflip else 0.0
+    base = dict(
+        input_size=size, is_training=True, interpolation="bicubic", hflip=flip, mean=bundle.mean, std=bundle.std
+    )
+    erasing = dict(re_prob=cfg.random_erasing, re_mode="pixel", re_count=1)
+    randaug = _timm_randaugment(cfg)
+    normalize = [T.ToTensor(), T.Normalize(bundle.mean, bundle.std)]
+    bicubic = T.InterpolationMode.BICUBIC
+    # fine-tuning (main_finetune.py: no colour jitter) and the semi stage's strong view (main_semi.py:
+    # jitter 0.4, which timm drops when RandAugment is on, so the two agree in the published setting);
+    # the semi stage gives its labeled images this same strong view
+    train = _pillow_safe(create_transform(**base, auto_augment=randaug, color_jitter=None, **erasing))
+    strong = _pillow_safe(create_transform(**base, auto_augment=randaug, color_jitter=SEMIVIT_COLOR_JITTER, **erasing))
+    weak = create_transform(**base, auto_augment=None, color_jitter=SEMIVIT_COLOR_JITTER, re_prob=0.0)
+    flips = [T.RandomHorizontalFlip()] if cfg.hflip else []
+    pretrain = T.Compose(
+        [T.RandomResizedCrop(size, scale=MAE_PRETRAIN_SCALE, interpolation=bicubic), *flips, *normalize]
+    )
+    test = T.Compose([T.Resize(_semivit_eval_resize(size), interpolation=bicubic), T.CenterCrop(size), *normalize])
+    return {"train": train, "weak": weak, "strong": strong, "test": test, "pretrain": pretrain}
+
+
+def build_transforms(cfg: DataConfig, bundle: DataBundle) -> dict[str, Callable]:
+    """The views of the recipe ``data.transforms``: ``train`` (labeled images; fine-tuning and the
+    semi stage), ``weak`` and ``strong`` (the unlabeled views of the semi stage), ``test`` and
+    ``pretrain`` (MAE)."""
+    check_settings(cfg)
+    if cfg.transforms == "semivit":
+        return _semivit_views(cfg, bundle)
+    return _small_views(cfg, bundle)
 
 
 class ViewDataset(Dataset):
@@ -382,6 +725,12 @@ class TwoViewDataset(ViewDataset):
 
     def __init__(self, source: ImageSource, indices, weak: Callable, strong: Callable):
         super().__init__(source, indices, weak)
+        if len(self.indices) == 0:
+            raise DataError(
+                "the unlabeled set is empty: every training image is labeled (data.label_percent, "
+                "data.labels_per_class or data.label_csv). Label fewer images, or set "
+                "data.unlabeled_includes_labeled=true to use the labeled images as unlabeled ones too"
+            )
         self.strong = strong
 
     def __getitem__(self, k: int):
