@@ -67,7 +67,7 @@ def run_pretrain(cfg: Config) -> Path:
     bundle = build_data(cfg.data)
     tf = build_transforms(cfg.data, bundle)
     # MAE's only augmentation: random translation (small images) or random resized crop (ImageNet)
-    dataset = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf.get("pretrain", tf["weak"]))
+    dataset = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf["pretrain"])
     loader = trainer.loader(dataset, pc.batch_size, shuffle=True)
     mae = create_mae(cfg.model, pc, cfg.data.image_size, bundle.channels)
     opt = create_optimizer_v2(mae, "adamw", lr=pc.lr, weight_decay=pc.weight_decay, betas=(0.9, 0.95))

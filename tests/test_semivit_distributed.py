@@ -45,6 +45,8 @@ def test_two_cpu_ranks(tmp_path):
     r = json.loads((two / "two_rank.json").read_text())
     assert r["world"] == 2
     assert r["same_split"] and r["different_batches"] and r["same_params"]
+    assert all(r["different_draws"].values()), r["different_draws"]  # one random stream per rank
+    assert r["same_generation_noise"]
     assert r["eval"]["num_test"] == 101 == ref["num_test"]
     for key in ("top1", "top1_ema", "top5"):
         assert r["eval"][key] == pytest.approx(ref[key], abs=1e-9)

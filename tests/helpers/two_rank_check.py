@@ -52,6 +52,7 @@ def main():
     params = acc.gather(flat)
     first_idx = acc.gather(seen[0].unsqueeze(0))
 
+    streams = training_draws(cfg, out, bundle, tf)
     metrics = run_evaluate(cfg, finetuned)
     rc = cli_main(["semi", f"output_dir={out}", f"checkpoint={finetuned}", *overrides])
     if acc.is_main_process:
@@ -62,8 +63,50 @@ def main():
             "same_params": bool(torch.equal(params[0], params[1])),
             "eval": {k: v for k, v in metrics.items() if not isinstance(v, list)},
             "semi_rc": rc,
+            **streams,
         }
         (out / "two_rank.json").write_text(json.dumps(result))
+
+
+def training_draws(cfg, out, bundle, tf) -> dict:
+    """What each rank draws inside the training loop: noise, MAE masks, mixup permutations and
+    augmentations must differ across ranks; a generated image's starting noise must not."""
+    import random
+
+    import numpy as np
+    from torch.utils.data import TensorDataset
+
+    from dpt.diffusion import image_noise, image_seed
+    from semivit.loop import Trainer
+    from semivit.ssl import prob_pseudo_mixup
+
+    trainer = Trainer(cfg, "draws", out / "draws", sections=())
+    model = torch.nn.Linear(2, 1)
+    loader = trainer.loader(TensorDataset(torch.zeros(8, 2)), 2)
+    model, loader = trainer.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)
+    trainer.schedule(1, 0)
+    seen = []
+    image = bundle.train.load(0)
+
+    def step(batch):
+        pm = prob_pseudo_mixup(torch.rand(6, 1, 8, 8), torch.rand(6), torch.zeros(6, dtype=torch.long), 10, 0.5)
+        seen.append(torch.cat([
+            torch.randn(3),  # diffusion noise, timesteps, MAE masks: torch's generator
+            torch.tensor([np.random.rand(), random.random()], dtype=torch.float32),
+            pm["perm"].float(),
+            tf["strong"](image).flatten()[:32],
+        ]))
+        return {"loss": model(batch[0]).sum() * 0.0}
+
+    trainer.fit(1, lambda epoch: loader, step)
+    draws = trainer.accelerator.gather(torch.stack(seen).unsqueeze(0))
+    noise, _ = image_noise([image_seed(cfg.seed, 3, 7)], (1, 4, 4))
+    noises = trainer.accelerator.gather(noise)
+    parts = {"noise": slice(0, 3), "numpy_python": slice(3, 5), "mixup_perm": slice(5, 11), "augmentation": slice(11, None)}
+    return {
+        "different_draws": {k: not torch.equal(draws[0][:, sl], draws[1][:, sl]) for k, sl in parts.items()},
+        "same_generation_noise": bool(torch.equal(noises[0], noises[1])),
+    }
 
 
 if __name__ == "__main__":
