@@ -79,6 +79,41 @@ def test_pipeline_end_to_end_skip_and_from(tmp_path):
     assert metrics["num_labeled"] == 40 and metrics["num_test"] == 80
 
 
+def numbers(run: Path) -> dict:
+    """Every number a run reports (histories and metrics), without wall times."""
+    out = {}
+    for path in sorted(run.rglob("history.json")) + sorted(run.rglob("metrics.json")):
+        for i, row in enumerate(json.loads(path.read_text()) if path.name == "history.json" else [json.loads(path.read_text())]):
+            for k, v in row.items():
+                if isinstance(v, float) and "second" not in k:
+                    out[f"{path.relative_to(run)}[{i}].{k}"] = v
+    return out
+
+
+def test_same_seed_same_numbers_and_a_failed_rerun_loses_nothing(tmp_path):
+    """configs/tiny.yaml twice with the same seed (same machine, same threads) gives identical
+    numbers; a rerun whose settings are refused leaves every finished output in place."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        run_pipeline(load_config(TINY, [f"output_dir={run}"]))
+    a, b = numbers(runs[0]), numbers(runs[1])
+    assert len(a) > 40 and a == b
+
+    from dpt.cli import main
+
+    images = sorted(p.name for p in (runs[0] / "synthetic").rglob("*.png"))
+    assert main(["run", "--config", str(TINY), f"output_dir={runs[0]}", "generate.steps=0"]) == 2
+    assert sorted(p.name for p in (runs[0] / "synthetic").rglob("*.png")) == images
+    assert plan(load_config(TINY, [f"output_dir={runs[0]}"])) == []
+
+
+def test_bf16_through_every_stage_on_the_cpu(tmp_path):
+    amp = ["pretrain.amp=bf16", "finetune.amp=bf16", "semi.amp=bf16", "diffusion.amp=bf16"]
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", *amp])
+    run_pipeline(cfg)  # each stage picks its own precision in one process, then pseudo-label runs in fp32
+    check_contracts(cfg.run_dir)
+
+
 def test_pipeline_on_two_cpu_ranks(tmp_path):
     """Two real gloo ranks through `accelerate launch`: the same files, and every test image
     counted once (num_test equals the test set size, not twice it)."""
