@@ -253,6 +253,14 @@ class Trainer:
             micro = min(micro, SMOKE_UPDATES * self.grad_accum)
         self.micro_per_epoch = max(1, micro)
         self.updates_per_epoch = math.ceil(self.micro_per_epoch / self.grad_accum)
+        n = self.accelerator.num_processes
+        per = [int(getattr(ld, "batch_size", 0) or 0) for ld in loaders]
+        logger.info(
+            "%s: %d process(es) on %s, precision %s; global batch %d (%s per process x %d x %d accumulation), "
+            "%d optimizer steps per epoch",
+            self.name, n, self.device.type, self.accelerator.mixed_precision, sum(per) * n * self.grad_accum,
+            "+".join(map(str, per)), n, self.grad_accum, self.updates_per_epoch,
+        )
         return (model, *loaders)
 
     def schedule(self, epochs: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> None:
