@@ -254,7 +254,7 @@ class Trainer:
         self.micro_per_epoch = max(1, micro)
         self.updates_per_epoch = math.ceil(self.micro_per_epoch / self.grad_accum)
         n = self.accelerator.num_processes
-        per = [int(getattr(ld, "batch_size", 0) or 0) for ld in loaders]
+        per = [int(getattr(ld, "total_batch_size", 0) or ld.batch_size or 0) // n for ld in loaders]
         logger.info(
             "%s: %d process(es) on %s, precision %s; global batch %d (%s per process x %d x %d accumulation), "
             "%d optimizer steps per epoch",
