@@ -348,6 +348,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, parse_overrides(overrides))
     _apply(cfg, to_dict(cfg))  # coerce defaults too (5 -> 5.0 for a float), so saved configs compare equal
     validate(cfg)
+    if cfg.smoke:  # every command sees the shrunk settings, and saves them with its results
+        from semivit.smoke import apply_smoke
+
+        cfg = apply_smoke(cfg)
     return cfg
 
 
