@@ -39,6 +39,24 @@ def resolve_init(cfg: Config) -> str:
     return str(path)
 
 
+def check_init_classes(init: str, classes: list[str], cfg: Config) -> None:
+    """A classifier to start from (its folder, or a weights file inside one) must be of the data's
+    classes: its head's rows are kept and mean those classes. An encoder (stage 0) has no classes."""
+    from dpt.errors import DPTClassMismatchError
+    from semivit.checks import check_same_classes, data_description
+    from semivit.models import read_classifier_meta
+
+    path = Path(init)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "meta.json").is_file():
+        return
+    check_same_classes(
+        read_classifier_meta(folder)["classes"], f"retrain.init classifier '{folder}'", classes,
+        data_description(cfg.data), "start from a classifier of this data set (retrain.init=stage1|stage0|PATH)",
+        error=DPTClassMismatchError,
+    )
+
+
 def synthetic_dir(cfg: Config) -> Path:
     return Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else cfg.run_dir / "synthetic"
 
@@ -62,6 +80,7 @@ def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
             f"retrain.synthetic_ratio={cfg.retrain.synthetic_ratio} must lie in (0, 1): the share of synthetic "
             "images in each labeled batch (retrain.synthetic_only=true trains on synthetic images alone)"
         )
+    check_init_classes(init, bundle.classes, cfg)
     synthetic = load_synthetic_source(
         folder, bundle.classes, bundle.channels, per_class=cfg.retrain.synthetic_per_class, seed=cfg.seed
     )
