@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
-        with run_lock(written_folder(args.command, cfg), f"dpt {' '.join(argv)}", f"dpt {args.command}"):
+        folder = written_folder(args.command, cfg)
+        setting = "output_dir" if folder is None or folder == cfg.run_dir.resolve() else "generate.out"
+        with run_lock(folder, f"dpt {' '.join(argv)}", f"dpt {args.command}", setting):
             if args.command == "run":
                 run(cfg, start=args.start)
             elif args.command == "generate":
@@ -161,7 +163,7 @@ def written_folder(command: str, cfg) -> Path | None:
         target = Path(cfg.fid.out).parent if cfg.fid.out else (fake if fake.is_dir() else Path.cwd())
         folder = lock_folder(target, cfg.run_dir)
         return folder if folder == cfg.run_dir.resolve() and folder.is_dir() else None
-    return cfg.run_dir
+    return cfg.run_dir.resolve()
 
 
 if __name__ == "__main__":

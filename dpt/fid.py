@@ -172,11 +172,25 @@ def inception_from_tensors(state: dict, path: str | Path = "") -> torch.nn.Modul
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=buffer
         )
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys or other shapes
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:200]
+        detail = _state_dict_mismatch(str(e))
         raise DPTError(
             f"fid.inception_weights='{path}' does not hold the FID Inception-v3 in torch-fidelity's layout "
             f"({detail}); use pt_inception-2015-12-05-6726825d.pth"
         ) from e
+
+
+def _state_dict_mismatch(message: str) -> str:
+    """``load_state_dict``'s complaint in brief: per kind, how many keys and the first two."""
+    import re
+
+    parts = []
+    for line in message.splitlines():
+        line = line.strip()
+        kind = next((k for k in ("Missing key", "Unexpected key", "size mismatch") if line.startswith(k)), None)
+        if kind:
+            names = re.findall(r'"([^"]+)"', line) or re.findall(r"for ([\w.]+):", line)
+            parts.append(f"{kind.lower()}s: {len(names)} (e.g. {', '.join(names[:2])})")
+    return "; ".join(parts) or message.splitlines()[0]
 
 
 def feature_network(cfg: Config) -> torch.nn.Module:

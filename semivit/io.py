@@ -120,6 +120,11 @@ def _load_torch(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not a refused import: the bytes are no pickle of weights at all
+            raise WeightsError(
+                f"checkpoint '{path}' could not be read as safetensors or as torch weights "
+                f"(torch.load(weights_only=True): {_refused_global(e)}); it is damaged or of another format"
+            ) from e
         raise WeightsError(
             f"checkpoint '{path}' was refused by torch.load(weights_only=True): it holds Python objects besides "
             f"tensors ({_refused_global(e)}), and loading those could run code from the file. Re-save only the "

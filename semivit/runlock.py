@@ -57,8 +57,9 @@ def pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, folder: str | Path, command: str, label: str = ""):
+    def __init__(self, folder: str | Path, command: str, label: str = "", setting: str = "output_dir"):
         self.folder = Path(folder)
+        self.setting = setting  # the setting that moves the writes elsewhere, for the messages
         self.path = self.folder / LOCK_NAME
         self.command = command[:300]
         self.label = label or "run lock"
@@ -190,12 +191,17 @@ class RunLock:
     def _refusal(self, holder: dict) -> str:
         return (
             f"run folder '{self.folder}' is in use by {self._holder_text(holder)}; wait for it to finish or use "
-            f"another output_dir=DIR (if that process is gone, delete '{self.path}')"
+            f"another {self.setting}=DIR (if that process is gone, delete '{self.path}')"
         )
 
     def _unwritable(self, e: OSError) -> str:
-        reason = (e.strerror or type(e).__name__).rstrip(".").lower()
-        return f"run folder '{self.folder}' cannot be written ({reason}); set output_dir=DIR to a folder you can write"
+        if self.folder.exists() and not self.folder.is_dir():
+            reason = "it is a file"
+        else:
+            reason = (e.strerror or type(e).__name__).rstrip(".").lower()
+        return (
+            f"run folder '{self.folder}' cannot be written ({reason}); set {self.setting}=DIR to a folder you can write"
+        )
 
     def _warn_takeover(self, holder: dict) -> None:
         print(
@@ -230,12 +236,14 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | Path | None, command: str, label: str = "") -> Iterator[RunLock | None]:
+def run_lock(
+    folder: str | Path | None, command: str, label: str = "", setting: str = "output_dir"
+) -> Iterator[RunLock | None]:
     """Hold the lock of ``folder`` for the block (nothing when ``folder`` is None or on a rank > 0)."""
     if folder is None or not is_lock_rank():
         yield None
         return
-    with RunLock(folder, command, label) as lock:
+    with RunLock(folder, command, label, setting) as lock:
         yield lock
 
 
