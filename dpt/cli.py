@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-
 from pathlib import Path
 
 from semivit.config import load_config

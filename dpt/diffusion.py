@@ -356,6 +356,22 @@ def _root_cause(e: BaseException) -> str:
 
 def load_generator(folder: str | Path) -> tuple[torch.nn.Module, dict, dict]:
     """(model in eval mode, training scheduler config, meta) from a folder written by train-diffusion."""
+    folder = Path(folder)
+    cls_name, meta, sched = read_generator_files(folder)
+    model = load_pretrained(MODEL_CLASSES[cls_name], folder, "generator folder")
+    disable_internal_label_dropout(model)
+    k = num_classes_of(model)
+    if k != len(meta["classes"]) or int(meta.get("null_label", k)) != k:
+        raise DPTError(
+            f"'{folder}': the model has {k} classes but {META_FILE} lists {len(meta['classes'])} "
+            f"(null label {meta.get('null_label')}); the folder is inconsistent, re-run train-diffusion"
+        )
+    return model.eval(), sched, meta
+
+
+def read_generator_files(folder: str | Path) -> tuple[str, dict, dict]:
+    """(model class name, meta, training scheduler config) of a generator folder, without its
+    weights: what a caller checks before paying for loading them."""
     from semivit.io import read_json
 
     folder = Path(folder)
@@ -380,12 +396,4 @@ def load_generator(folder: str | Path) -> tuple[torch.nn.Module, dict, dict]:
         raise DPTError(f"'{meta_file}' lacks {missing or ['a list of classes']}; restore it or re-run train-diffusion")
     sched_file = folder / "scheduler_config.json"
     sched = read_json(sched_file) if sched_file.is_file() else DDPMScheduler().config
-    model = load_pretrained(MODEL_CLASSES[cls_name], folder, "generator folder")
-    disable_internal_label_dropout(model)
-    k = num_classes_of(model)
-    if k != len(meta["classes"]) or int(meta.get("null_label", k)) != k:
-        raise DPTError(
-            f"'{folder}': the model has {k} classes but {META_FILE} lists {len(meta['classes'])} "
-            f"(null label {meta.get('null_label')}); the folder is inconsistent, re-run train-diffusion"
-        )
-    return model.eval(), sched, meta
+    return cls_name, meta, sched

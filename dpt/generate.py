@@ -22,7 +22,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpt.diffusion import Codec, image_noise, image_seed, load_generator, load_vae, make_sampler, sample
+from dpt.diffusion import (
+    Codec,
+    image_noise,
+    image_seed,
+    load_generator,
+    load_vae,
+    make_sampler,
+    read_generator_files,
+    sample,
+)
 from dpt.errors import DPTClassMismatchError, DPTError
 from semivit.checks import check_known_classes, check_same_classes, data_class_names, data_description
 from semivit.config import Config, DataConfig
@@ -153,8 +162,9 @@ def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
         raise DPTError("setting 'generate.steps' must be >= 1")
     out = out_dir_of(cfg)
     model_dir = model_dir_of(cfg)
+    _, meta, sched_config = read_generator_files(model_dir)
+    check_generator_fits(cfg, model_dir, meta, sched_config, check_data)  # before the weights are loaded
     model, sched_config, meta = load_generator(model_dir)
-    check_generator_fits(cfg, model_dir, meta, sched_config, check_data)
     classes = list(meta["classes"])
     class_ids = parse_classes(gcfg.classes, classes)
     dirs = class_dirs(classes)

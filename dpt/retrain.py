@@ -40,20 +40,12 @@ def resolve_init(cfg: Config) -> str:
 
 
 def check_init_classes(init: str, classes: list[str], cfg: Config) -> None:
-    """A classifier to start from (its folder, or a weights file inside one) must be of the data's
-    classes: its head's rows are kept and mean those classes. An encoder (stage 0) has no classes."""
     from dpt.errors import DPTClassMismatchError
-    from semivit.checks import check_same_classes, data_description
-    from semivit.models import read_classifier_meta
+    from semivit.checks import check_classifier_classes
 
-    path = Path(init)
-    folder = path if path.is_dir() else path.parent
-    if not (folder / "meta.json").is_file():
-        return
-    check_same_classes(
-        read_classifier_meta(folder)["classes"], f"retrain.init classifier '{folder}'", classes,
-        data_description(cfg.data), "start from a classifier of this data set (retrain.init=stage1|stage0|PATH)",
-        error=DPTClassMismatchError,
+    check_classifier_classes(
+        init, classes, cfg.data, "retrain.init classifier",
+        "start from a classifier of this data set (retrain.init=stage1|stage0|PATH)", error=DPTClassMismatchError,
     )
 
 

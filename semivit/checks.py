@@ -26,7 +26,7 @@ def describe_classes(classes: Sequence[str]) -> str:
 
 
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):  # the shorter list ends the comparison
         if x != y:
             return f"; they first differ at label {i}: '{x}' vs '{y}'"
     return ""
@@ -76,3 +76,19 @@ def data_class_names(dcfg: DataConfig) -> list[str] | None:
 
         return list(build_data(dcfg).classes)
     return None
+
+
+def check_classifier_classes(
+    path: str | Path, classes: Sequence[str], dcfg: DataConfig, what: str, fix: str, error=ClassMismatchError
+) -> None:
+    """A classifier to start from (its folder, or a weights file inside one) must be of the data's
+    classes: its head's rows are kept and mean those classes. Weights without a ``meta.json`` next
+    to them (an MAE encoder, a foreign checkpoint) carry no class list and pass."""
+    from semivit.models import read_classifier_meta
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / "meta.json").is_file():
+        check_same_classes(
+            read_classifier_meta(folder)["classes"], f"{what} '{folder}'", classes, data_description(dcfg), fix, error
+        )

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semivit.checks import check_same_classes, data_description
 from semivit.config import Config
 from semivit.data import ViewDataset, build_data, build_transforms, load_label_split, make_split
 from semivit.engine import make_accelerator
 from semivit.evaluate import predict
 from semivit.io import atomic_path, atomic_write_json
-from semivit.checks import check_same_classes, data_description
 from semivit.models import load_classifier, read_classifier_meta
 from semivit.stage import make_loader
 

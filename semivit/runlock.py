@@ -65,6 +65,7 @@ class RunLock:
         self.label = label or "run lock"
         self.token = uuid.uuid4().hex
         self.depth = 0
+        self.created: list[Path] = []
 
     # ---- what the file holds --------------------------------------------------------------
 
@@ -115,8 +116,17 @@ class RunLock:
         if holder is not None and holder.get("token") == self.token:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        for folder in self.created:  # only those still empty: rmdir refuses the others
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def _make_folder(self) -> None:
+        # the folders made here, innermost first: a command that fails before writing anything
+        # leaves no empty run folder behind (see release)
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        self.created = missing
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             if not os.access(self.folder, os.W_OK | os.X_OK):

@@ -493,10 +493,14 @@ def test_a_bug_keeps_its_traceback_and_says_so(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out
 
 
-def test_lock_released_after_error_and_success(tmp_path, capsys):
-    run = tmp_path / "run"
+def test_lock_released_after_an_error_and_no_empty_folder_left(tmp_path, capsys):
+    run = tmp_path / "new" / "run"
     assert semivit.cli.main(["semi", f"output_dir={run}", *DIGITS]) == 2  # no fine-tuned model yet
-    assert run.is_dir() and not (run / "run.lock").exists()
+    assert not (tmp_path / "new").exists()  # nothing was written: the folders made for the lock went too
+    run.mkdir(parents=True)
+    (run / "kept.txt").write_text("x")
+    assert semivit.cli.main(["semi", f"output_dir={run}", *DIGITS]) == 2
+    assert (run / "kept.txt").exists() and not (run / "run.lock").exists()
     capsys.readouterr()
 
 
