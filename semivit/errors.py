@@ -149,11 +149,21 @@ def error_message(e: BaseException) -> str:
         )
     if isinstance(e, OSError) and not isinstance(e, UserError):
         return _os_error_message(e)
-    text = str(e).strip()
+    text = _unwrap_worker_message(str(e).strip())
     if isinstance(e, KeyError) or not text:
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     first = text.splitlines()[0]
     return first if first == text else first + " (--debug shows the rest)"
+
+
+def _unwrap_worker_message(text: str) -> str:
+    """An error raised in a DataLoader worker comes back as ``Caught X in DataLoader worker ...``
+    followed by the worker's traceback; its last line holds the message that matters."""
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    last = text.splitlines()[-1].strip()
+    head, sep, message = last.partition(": ")
+    return message if sep and " " not in head else last
 
 
 def _os_error_message(e: OSError) -> str:

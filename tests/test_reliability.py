@@ -525,6 +525,19 @@ def test_inception_features_from_a_safe_file(tmp_path):
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
 
 
+def test_an_error_in_a_data_loader_worker_shows_the_workers_message():
+    from semivit.errors import error_message
+
+    class DataError(ValueError):
+        pass
+
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in load\nsemivit.data.DataError: image \'a.png\' cannot be read (truncated)'
+    )
+    assert error_message(wrapped) == "image 'a.png' cannot be read (truncated)"
+
+
 # --------------------------------------------------------------------------------------------
 # Validation covers every setting
 # --------------------------------------------------------------------------------------------
@@ -603,3 +616,4 @@ if __name__ == "__main__":
 
     logging.disable(logging.CRITICAL)
     print(markdown_table())
+
