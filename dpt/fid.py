@@ -186,10 +186,11 @@ def _state_dict_mismatch(message: str) -> str:
     parts = []
     for line in message.splitlines():
         line = line.strip()
-        kind = next((k for k in ("Missing key", "Unexpected key", "size mismatch") if line.startswith(k)), None)
+        kinds = {"Missing key": "missing keys", "Unexpected key": "unexpected keys", "size mismatch": "other shapes"}
+        kind = next((k for k in kinds if line.startswith(k)), None)
         if kind:
             names = re.findall(r'"([^"]+)"', line) or re.findall(r"for ([\w.]+):", line)
-            parts.append(f"{kind.lower()}s: {len(names)} (e.g. {', '.join(names[:2])})")
+            parts.append(f"{kinds[kind]}: {len(names)} (e.g. {', '.join(names[:2])})")
     return "; ".join(parts) or message.splitlines()[0]
 
 

@@ -345,7 +345,7 @@ CASES: list[Case] = [
     Case("output_dir is a file", "semivit", lambda t: ["pretrain", f"output_dir={_file(t)}", *DIGITS],
          "cannot be written"),
     Case("output_dir below a file", "dpt", lambda t: ["run", f"output_dir={_file(t) / 'run'}"], "cannot be written"),
-    Case("output_dir on a read-only file system", "semivit",
+    Case("output_dir that cannot be created", "semivit",
          lambda t: ["evaluate", "output_dir=/proc/self/run", *DIGITS], "cannot be written"),
 ]
 
