@@ -241,7 +241,7 @@ CASES: list[Case] = [
     Case("config file not YAML", "semivit", lambda t: ["finetune", "--config", str(_yaml(t, "semi: [1,\n"))],
          "is not valid YAML"),
     Case("imagefolder root missing", "semivit",
-         lambda t: ["finetune", out(t), "data.name=imagefolder", f"data.root={t / 'none'}"], "none/train' not found"),
+         lambda t: ["finetune", out(t), "data.name=imagefolder", f"data.root={t / 'none'}"], "data.root"),
     Case("labels CSV missing", "dpt", lambda t: ["train-diffusion", out(t), *DIGITS, f"labels={t / 'no.csv'}"],
          "labels file"),
     Case("semi without a fine-tuned classifier", "semivit", lambda t: ["semi", out(t), *DIGITS], "semivit finetune"),
