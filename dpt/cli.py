@@ -1,7 +1,9 @@
 """``dpt <command> --config FILE [key=value ...]`` (also ``python -m dpt`` and ``accelerate launch -m dpt``).
 
 Commands live in one registry: name -> (function of the config, settings section whose keys may
-be given without the section prefix, help). A new command is one more entry.
+be given without the section prefix, help). A new command is one more entry. Errors follow the
+policy of :mod:`semivit.errors` (one line and exit code 2 for bad input; ``--debug`` or
+``DPT_DEBUG=1`` for the traceback); a command holds the lock of the folder it writes into.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from dpt.errors import DPTError
-from semivit.config import ConfigError, load_config
-from semivit.data import DataError
+from semivit.config import load_config
+from semivit.errors import run_cli
+from semivit.runlock import lock_folder, run_lock
 
 
 def _train_diffusion(cfg):
@@ -21,10 +24,10 @@ def _train_diffusion(cfg):
     return run_train_diffusion(cfg)
 
 
-def _generate(cfg):
+def _generate(cfg, check_data: bool = True):
     from dpt.generate import run_generate
 
-    return run_generate(cfg)
+    return run_generate(cfg, check_data=check_data)
 
 
 def _fid(cfg):
@@ -88,6 +91,7 @@ def add_command(sub, name: str) -> None:
     _, section, short, help_ = COMMANDS[name]
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--config", default=None, help="experiment YAML (e.g. configs/mnist5k.yaml)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpt", description="DPT stages: class-conditional diffusion and synthetic data"
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also DPT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         add_command(sub, name)
@@ -123,24 +128,41 @@ def expand_overrides(command: str, overrides: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     run = COMMANDS[args.command][0]
-    ok = False
-    try:
-        cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
-        if args.command == "run":
-            run(cfg, start=args.start)
-        else:
-            run(cfg)
-        ok = True
-    except (ConfigError, DataError, DPTError, FileNotFoundError) as e:
-        print(f"dpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if "torch" in sys.modules:  # no torch, no process group (and no slow import for an error)
-            from semivit.engine import leave_process_group
 
-            leave_process_group(ok)
-    return 0
+    def body():
+        cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
+        folder = written_folder(args.command, cfg)
+        setting = "output_dir" if folder is None or folder == cfg.run_dir.resolve() else "generate.out"
+        with run_lock(folder, f"dpt {' '.join(argv)}", f"dpt {args.command}", setting):
+            if args.command == "run":
+                run(cfg, start=args.start)
+            elif args.command == "generate":
+                run(cfg, check_data=args.config is not None or _sets_data(args.overrides))
+            else:
+                run(cfg)
+
+    return run_cli("dpt", args.command, body, debug=args.debug)
+
+
+def _sets_data(overrides: list[str]) -> bool:
+    return any(pair.split("=", 1)[0].strip().startswith("data.") for pair in overrides)
+
+
+def written_folder(command: str, cfg) -> Path | None:
+    """The folder whose lock the command holds: the run folder for everything written into it;
+    generate.out when generation writes elsewhere; none for fid writing its one JSON outside it."""
+    if command == "generate":
+        from dpt.generate import out_dir_of
+
+        return lock_folder(out_dir_of(cfg), cfg.run_dir)
+    if command == "fid":
+        fake = Path(cfg.fid.fake) if cfg.fid.fake else cfg.run_dir / "synthetic"
+        target = Path(cfg.fid.out).parent if cfg.fid.out else (fake if fake.is_dir() else Path.cwd())
+        folder = lock_folder(target, cfg.run_dir)
+        return folder if folder == cfg.run_dir.resolve() and folder.is_dir() else None
+    return cfg.run_dir.resolve()
 
 
 if __name__ == "__main__":

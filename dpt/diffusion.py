@@ -7,7 +7,6 @@ uses as "no class". The model is a diffusers ``DiTTransformer2DModel`` (default)
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -247,7 +246,7 @@ def load_vae(path: str):
             f"diffusion.vae='{path}' is not a local AutoencoderKL folder (config.json missing); save one with "
             "AutoencoderKL.save_pretrained(DIR) on a machine with internet and point diffusion.vae at DIR"
         )
-    vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True)
+    vae = load_pretrained(AutoencoderKL, p, "VAE folder (diffusion.vae)")
     vae.requires_grad_(False)
     return vae.eval()
 
@@ -309,16 +308,77 @@ def save_generator(folder: Path, model, noise_scheduler, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+META_KEYS = ("classes", "null_label", "channels", "image_size", "model_channels", "model_size")
+
+
+def load_pretrained(cls, folder: Path, what: str):
+    """``cls.from_pretrained`` of a local folder, safetensors only (a pickled ``.bin`` could run code);
+    a missing, truncated or mismatched weights file is one :class:`DPTError`, not diffusers' chain."""
+    from diffusers.utils import logging as dlogging
+
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        pickled = (folder / "diffusion_pytorch_model.bin").is_file()
+        raise DPTError(
+            f"{what} '{folder}' holds no {WEIGHT_FILES[0]}"
+            + (
+                " (only a pickled diffusion_pytorch_model.bin, which is never loaded since unpickling can run code: "
+                "re-save it with save_pretrained(DIR, safe_serialization=True))"
+                if pickled
+                else "; point the setting at a folder written by save_pretrained"
+            )
+        )
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # diffusers' own warnings would add lines to the one error line
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    except Exception as e:  # OSError, SafetensorError, ValueError ... all say: these files do not load
+        raise DPTError(
+            f"{what} '{folder}' cannot be loaded ({_root_cause(e)}): its weights are truncated or damaged, or do "
+            "not match its config.json; restore the folder or re-run the stage that wrote it"
+        ) from e
+    finally:
+        dlogging.set_verbosity(verbosity)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception of a chain (the one that names the real problem)."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    for exc in reversed(seen):
+        text = str(exc).strip()
+        if text and not isinstance(exc, UnicodeDecodeError):  # diffusers' probe for a git-lfs pointer
+            return text.splitlines()[0]
+    return type(seen[-1]).__name__
+
+
 def load_generator(folder: str | Path) -> tuple[torch.nn.Module, dict, dict]:
     """(model in eval mode, training scheduler config, meta) from a folder written by train-diffusion."""
+    folder = Path(folder)
+    cls_name, meta, sched = read_generator_files(folder)
+    model = load_pretrained(MODEL_CLASSES[cls_name], folder, "generator folder")
+    disable_internal_label_dropout(model)
+    k = num_classes_of(model)
+    if k != len(meta["classes"]) or int(meta.get("null_label", k)) != k:
+        raise DPTError(
+            f"'{folder}': the model has {k} classes but {META_FILE} lists {len(meta['classes'])} "
+            f"(null label {meta.get('null_label')}); the folder is inconsistent, re-run train-diffusion"
+        )
+    return model.eval(), sched, meta
+
+
+def read_generator_files(folder: str | Path) -> tuple[str, dict, dict]:
+    """(model class name, meta, training scheduler config) of a generator folder, without its
+    weights: what a caller checks before paying for loading them."""
+    from semivit.io import read_json
+
     folder = Path(folder)
     cfg_file = folder / "config.json"
     if not folder.is_dir():
         raise DPTError(f"model folder '{folder}' (generate.model) not found; run train-diffusion first or fix the path")
-    try:
-        cls_name = json.loads(cfg_file.read_text()).get("_class_name", "")
-    except (OSError, ValueError):
-        cls_name = ""
+    cls_name = read_json(cfg_file).get("_class_name", "") if cfg_file.is_file() else ""
     if cls_name not in MODEL_CLASSES:
         raise DPTError(
             f"'{folder}' is not a diffusers model folder of DiTTransformer2DModel or UNet2DModel "
@@ -330,15 +390,10 @@ def load_generator(folder: str | Path) -> tuple[torch.nn.Module, dict, dict]:
             f"'{folder}' has no {META_FILE} (classes, channels, image size, null label); it was not written "
             "by train-diffusion. Add one with keys classes, channels, image_size, null_label"
         )
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing or not isinstance(meta.get("classes"), list):
+        raise DPTError(f"'{meta_file}' lacks {missing or ['a list of classes']}; restore it or re-run train-diffusion")
     sched_file = folder / "scheduler_config.json"
-    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else DDPMScheduler().config
-    model = MODEL_CLASSES[cls_name].from_pretrained(str(folder), local_files_only=True)
-    disable_internal_label_dropout(model)
-    k = num_classes_of(model)
-    if k != len(meta["classes"]) or int(meta.get("null_label", k)) != k:
-        raise DPTError(
-            f"'{folder}': the model has {k} classes but {META_FILE} lists {len(meta['classes'])} "
-            f"(null label {meta.get('null_label')}); the folder is inconsistent, re-run train-diffusion"
-        )
-    return model.eval(), sched, meta
+    sched = read_json(sched_file) if sched_file.is_file() else DDPMScheduler().config
+    return cls_name, meta, sched

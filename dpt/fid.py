@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from dpt.errors import DPTError
+from dpt.errors import DPTClassMismatchError, DPTError
 from dpt.generate import MANIFEST, load_synthetic_source, read_manifest
+from semivit.checks import check_known_classes
 from semivit.config import Config
 from semivit.data import IMAGE_EXTENSIONS, FileSource, ImageSource, build_data
 from semivit.io import atomic_write_json
@@ -115,20 +116,14 @@ class ClassifierFeatures(torch.nn.Module):
 
 
 class InceptionFeatures(torch.nn.Module):
-    """torchmetrics' FID Inception-v3 (torch-fidelity), weights from a local file only."""
+    """torchmetrics' FID Inception-v3 (torch-fidelity), weights from a local file only, read safely."""
 
     def __init__(self, weights: str):
         super().__init__()
         if not weights or not Path(weights).is_file():
             where = f"fid.inception_weights='{weights}' does not exist. " if weights else ""
             raise DPTError(where + INCEPTION_HELP)
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-        except ImportError as e:  # pragma: no cover
-            raise DPTError(f"Inception FID needs torch-fidelity (pip install torch-fidelity): {e}") from e
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights)
-        )
+        self.net = inception_from_tensors(read_inception_weights(weights), weights)
         self.num_features = 2048
         self.name = "inception-v3-2048"
 
@@ -139,6 +134,64 @@ class InceptionFeatures(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def read_inception_weights(path: str | Path) -> dict:
+    """The Inception state dict, read without running code (torch weights_only=True or safetensors)."""
+    from semivit.errors import WeightsError
+    from semivit.io import load_weights
+
+    try:
+        state = load_weights(path)
+    except WeightsError as e:
+        raise DPTError(f"fid.inception_weights: {e}") from e
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DPTError(
+            f"fid.inception_weights='{path}' is not a flat state dict of tensors (torch-fidelity's "
+            f"pt_inception-2015-12-05-6726825d.pth layout); got keys {list(state)[:5]}"
+        )
+    return state
+
+
+def inception_from_tensors(state: dict, path: str | Path = "") -> torch.nn.Module:
+    """torchmetrics' ``NoTrainInceptionV3`` holding ``state``. Its constructor (torch-fidelity's)
+    loads a weights *path* with ``torch.load(weights_only=False)``, which would run whatever code a
+    file pickles; it gets an in-memory copy of tensors that were already read safely instead, so
+    that unpickler only ever meets tensors serialised here, never the user's file."""
+    import io
+
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError as e:  # pragma: no cover
+        raise DPTError(f"Inception FID needs torch-fidelity (pip install torch-fidelity): {e}") from e
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+    buffer.seek(0)
+    try:
+        return NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=buffer
+        )
+    except RuntimeError as e:  # load_state_dict: missing / unexpected keys or other shapes
+        detail = _state_dict_mismatch(str(e))
+        raise DPTError(
+            f"fid.inception_weights='{path}' does not hold the FID Inception-v3 in torch-fidelity's layout "
+            f"({detail}); use pt_inception-2015-12-05-6726825d.pth"
+        ) from e
+
+
+def _state_dict_mismatch(message: str) -> str:
+    """``load_state_dict``'s complaint in brief: per kind, how many keys and the first two."""
+    import re
+
+    parts = []
+    for line in message.splitlines():
+        line = line.strip()
+        kinds = {"Missing key": "missing keys", "Unexpected key": "unexpected keys", "size mismatch": "other shapes"}
+        kind = next((k for k in kinds if line.startswith(k)), None)
+        if kind:
+            names = re.findall(r'"([^"]+)"', line) or re.findall(r"for ([\w.]+):", line)
+            parts.append(f"{kinds[kind]}: {len(names)} (e.g. {', '.join(names[:2])})")
+    return "; ".join(parts) or message.splitlines()[0]
 
 
 def feature_network(cfg: Config) -> torch.nn.Module:
@@ -208,6 +261,9 @@ def run_fid(cfg: Config) -> dict:
         if len(src) < MIN_IMAGES:
             raise DPTError(f"fid.{name}='{spec}' holds {len(src)} images; FID needs at least {MIN_IMAGES} per set")
     net = feature_network(cfg).eval()
+    if isinstance(net, ClassifierFeatures):
+        for what, src, name in (("real", real_src, real_name), ("fake", fake_src, fake_name)):
+            check_image_classes(src, f"fid.{what} '{name}'", net, fcfg.classifier)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net.to(device)
     real = extract_features(net, real_src, batch_size=fcfg.batch_size, device=device)
@@ -230,6 +286,18 @@ def run_fid(cfg: Config) -> dict:
         "FID %.3f (%s; %d real, %d fake) -> %s", result["fid"], net.name, result["num_real"], result["num_fake"], out
     )
     return result
+
+
+def check_image_classes(src: ImageSource, what: str, net: ClassifierFeatures, classifier: str) -> None:
+    """Images with class names (a data split, a manifest, class sub-folders) must be of classes the
+    feature classifier knows: features of a classifier for other classes compare nothing."""
+    if src.classes:
+        check_known_classes(
+            src.classes, what, net.meta["classes"], f"fid.classifier '{classifier}'",
+            "use a classifier trained on these classes (fid.classifier=DIR); images without classes belong in "
+            "one flat folder",
+            error=DPTClassMismatchError,
+        )
 
 
 def _per_class(real_src, fake_src, real, fake) -> dict:

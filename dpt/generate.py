@@ -22,9 +22,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpt.diffusion import Codec, image_noise, image_seed, load_generator, load_vae, make_sampler, sample
-from dpt.errors import DPTError
-from semivit.config import Config
+from dpt.diffusion import (
+    Codec,
+    image_noise,
+    image_seed,
+    load_generator,
+    load_vae,
+    make_sampler,
+    read_generator_files,
+    sample,
+)
+from dpt.errors import DPTClassMismatchError, DPTError
+from semivit.checks import check_known_classes, check_same_classes, data_class_names, data_description
+from semivit.config import Config, DataConfig
 from semivit.data import FileSource
 from semivit.io import atomic_path, atomic_write_json
 
@@ -121,16 +131,39 @@ def save_png(img: np.ndarray, path: Path) -> None:
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
 
 
-def run_generate(cfg: Config) -> Path:
+def check_generator_fits(cfg: Config, model_dir: Path, meta: dict, sched_config, check_data: bool | None) -> None:
+    """The sampler's step count fits the generator's schedule, and the generator's classes are the
+    configured data set's (when the config names one: ``check_data``, or by default when the data
+    section is not the bare defaults), so a synthetic set never carries another data set's labels."""
+    train_steps = int(dict(sched_config).get("num_train_timesteps", 1000))
+    if cfg.generate.steps > train_steps:
+        raise DPTError(
+            f"setting 'generate.steps' must be <= {train_steps}, the generator's number of training timesteps "
+            f"(got {cfg.generate.steps})"
+        )
+    if check_data is None:
+        check_data = cfg.data != DataConfig()
+    data_classes = data_class_names(cfg.data) if check_data else None
+    if data_classes is not None:
+        check_same_classes(
+            meta["classes"], f"generator '{model_dir}'", data_classes, data_description(cfg.data),
+            "use the generator trained on this data set (generate.model=DIR) or the data it was trained on",
+            error=DPTClassMismatchError,
+        )
+
+
+def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
     from semivit.engine import make_accelerator
 
     gcfg = cfg.generate
     if gcfg.num_per_class < 0:
-        raise DPTError("generate.num_per_class must be >= 0")
+        raise DPTError("setting 'generate.num_per_class' must be >= 0")
     if gcfg.steps < 1:
-        raise DPTError("generate.steps must be >= 1")
+        raise DPTError("setting 'generate.steps' must be >= 1")
     out = out_dir_of(cfg)
     model_dir = model_dir_of(cfg)
+    _, meta, sched_config = read_generator_files(model_dir)
+    check_generator_fits(cfg, model_dir, meta, sched_config, check_data)  # before the weights are loaded
     model, sched_config, meta = load_generator(model_dir)
     classes = list(meta["classes"])
     class_ids = parse_classes(gcfg.classes, classes)
@@ -277,10 +310,16 @@ def read_manifest(folder: str | Path) -> list[dict]:
     path = folder / MANIFEST
     if not path.is_file():
         raise DPTError(f"'{path}' not found: '{folder}' is not a synthetic data set written by 'dpt generate'")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DPTError(f"'{path}' is not a readable CSV ({e}); re-run 'dpt generate' to rebuild it") from e
     if rows and not {"file", "class_name"} <= set(rows[0]):
         raise DPTError(f"'{path}' lacks the columns file, class_name; found {list(rows[0])}")
+    short = next((n for n, r in enumerate(rows, 2) if not r.get("file") or not r.get("class_name")), None)
+    if short is not None:
+        raise DPTError(f"'{path}' line {short} has no file or class_name; re-run 'dpt generate' to rebuild it")
     return rows
 
 
@@ -295,12 +334,11 @@ def load_synthetic_source(
     if not rows:
         raise DPTError(f"'{folder / MANIFEST}' lists no images; run 'dpt generate' again")
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({r["class_name"] for r in rows} - set(index))
-    if unknown:
-        raise DPTError(
-            f"'{folder / MANIFEST}' has classes that the data set does not: {unknown[:10]}; the synthetic set was "
-            f"made for other classes (the data set's: {classes[:10]}{' ...' if len(classes) > 10 else ''})"
-        )
+    check_known_classes(
+        [r["class_name"] for r in rows], f"'{folder / MANIFEST}'", classes, "the data set",
+        "the synthetic set was made for other classes: generate it with a model trained on this data set",
+        error=DPTClassMismatchError,
+    )
     root = folder.resolve()
     paths, labels = [], []
     for r in rows:

@@ -39,6 +39,16 @@ def resolve_init(cfg: Config) -> str:
     return str(path)
 
 
+def check_init_classes(init: str, classes: list[str], cfg: Config) -> None:
+    from dpt.errors import DPTClassMismatchError
+    from semivit.checks import check_classifier_classes
+
+    check_classifier_classes(
+        init, classes, cfg.data, "retrain.init classifier",
+        "start from a classifier of this data set (retrain.init=stage1|stage0|PATH)", error=DPTClassMismatchError,
+    )
+
+
 def synthetic_dir(cfg: Config) -> Path:
     return Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else cfg.run_dir / "synthetic"
 
@@ -62,6 +72,7 @@ def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
             f"retrain.synthetic_ratio={cfg.retrain.synthetic_ratio} must lie in (0, 1): the share of synthetic "
             "images in each labeled batch (retrain.synthetic_only=true trains on synthetic images alone)"
         )
+    check_init_classes(init, bundle.classes, cfg)
     synthetic = load_synthetic_source(
         folder, bundle.classes, bundle.channels, per_class=cfg.retrain.synthetic_per_class, seed=cfg.seed
     )

@@ -2,7 +2,8 @@
 
 The same entry point runs as a console script, as ``python -m semivit`` and under
 ``accelerate launch -m semivit``. Bad input (settings, data, checkpoints) ends with one error line
-and exit code 2, not a traceback.
+and exit code 2, not a traceback (``--debug`` or ``DPT_DEBUG=1`` shows it; policy in
+:mod:`semivit.errors`). Every command holds the lock of its output_dir while it runs.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from semivit.config import ConfigError, load_config
+from semivit.errors import run_cli
+from semivit.runlock import run_lock
 
 COMMANDS = {
     "pretrain": "stage 0: MAE self-pre-training of the encoder on all training images",
@@ -24,10 +28,12 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semivit", description="Semi-supervised ViT training (Semi-ViT) on Accelerate")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also DPT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in COMMANDS.items():
         s = sub.add_parser(name, help=help_, description=help_)
         s.add_argument("--config", default=None, help="YAML file (configs/mnist5k.yaml when omitted)")
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
         s.add_argument("overrides", nargs="*", help="settings as key=value, e.g. output_dir=runs/a data.labels_per_class=10")
     return p
 
@@ -60,42 +66,24 @@ def run(command: str, cfg):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
-
     args = build_parser().parse_args(argv)
-    from semivit.data import DataError
-    from semivit.stage import StopRequested
+    argv = sys.argv[1:] if argv is None else list(argv)
 
-    ok = False
-    try:
-        config = args.config
-        if config is None and Path("configs/mnist5k.yaml").is_file():
-            config = "configs/mnist5k.yaml"
-        cfg = load_config(config, args.overrides)
-        result = run(args.command, cfg)
-        ok = True
-    except StopRequested as e:
-        print(f"semivit {args.command}: {e}", file=sys.stderr)
-        return 0
-    except (ConfigError, DataError, FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _is_own_error(e):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"semivit {args.command}: error: {msg}", file=sys.stderr)
-        return 2
-    finally:
-        if "torch" in sys.modules:  # no torch, no process group (and no slow import for an error)
-            from semivit.engine import leave_process_group
+    def body():
+        cfg = load_config(default_config(args.config), args.overrides)
+        with run_lock(cfg.run_dir, f"semivit {' '.join(argv)}", f"semivit {args.command}"):
+            result = run(args.command, cfg)
+        if isinstance(result, Path):
+            print(f"semivit {args.command}: wrote {result}")
 
-            leave_process_group(ok)
-    if isinstance(result, Path):
-        print(f"semivit {args.command}: wrote {result}")
-    return 0
+    return run_cli("semivit", args.command, body, debug=args.debug)
 
 
-def _is_own_error(e: RuntimeError) -> bool:
-    """Collapse stops are ours; other RuntimeErrors (torch internals) keep their traceback."""
-    return "semi.stop_on_collapse" in str(e)
+def default_config(config: str | None) -> str | None:
+    """``--config``, else configs/mnist5k.yaml when run from the repository root, else the defaults."""
+    if config is None and Path("configs/mnist5k.yaml").is_file():
+        return "configs/mnist5k.yaml"
+    return config
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -376,31 +378,227 @@ def _read_layers(path: Path, seen: tuple = ()) -> list[dict]:
 
 
 def validate(cfg: Config) -> None:
-    amp_settings = {
-        "pretrain.amp": cfg.pretrain.amp,
-        "finetune.amp": cfg.finetune.amp,
-        "semi.amp": cfg.semi.amp,
-        "diffusion.amp": cfg.diffusion.amp,
-    }
-    for where, amp in amp_settings.items():
-        if amp not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"setting '{where}' must be one of no, fp16, bf16 (got '{amp}')")
-    if cfg.semi.teacher not in ("ema", "student"):
-        raise ConfigError(f"setting 'semi.teacher' must be 'ema' or 'student' (got '{cfg.semi.teacher}')")
-    if cfg.semi.dist_align not in ("none", "uniform", "labeled"):
-        raise ConfigError(
-            f"setting 'semi.dist_align' must be none, uniform or labeled (got '{cfg.semi.dist_align}')"
-        )
-    if not 0.0 <= cfg.semi.dist_align_momentum < 1.0:
-        raise ConfigError(f"setting 'semi.dist_align_momentum' must lie in [0, 1) (got {cfg.semi.dist_align_momentum})")
-    if not 0.0 <= cfg.semi.tau <= 1.0:
-        raise ConfigError(f"setting 'semi.tau' must lie in [0, 1] (got {cfg.semi.tau})")
-    if cfg.data.labels_per_class < 1 and cfg.data.label_percent <= 0 and not cfg.data.label_csv:
+    """Every numeric and enum setting of every section against its allowed range, before any work:
+    a wrong value fails here with the setting's name, not hours later in torch's words."""
+    for key, spec in _RULES.items():
+        _check_rule(key, _get(cfg, key), spec)
+    _check_cross_settings(cfg)
+
+
+# The allowed values of each setting: ">= 1", "> 0", an interval "[0, 1)", or a tuple of choices.
+# Settings not listed here are free text (paths, names, class lists) or booleans; a new numeric
+# or enum setting needs a line here (tests/test_reliability.py checks that every one has one).
+_AMP = ("no", "fp16", "bf16")
+_RULES: dict[str, str | tuple] = {
+    "seed": ">= 0",
+    "stop_after_epoch": ">= 0",
+    "data.name": ("mnist5k", "digits", "imagefolder", "cifar10", "cifar100"),
+    "data.image_size": ">= 1",
+    "data.channels": (0, 1, 3),
+    "data.labels_per_class": ">= 0",
+    "data.label_percent": "[0, 100]",
+    "data.max_train": ">= 0",
+    "data.max_test": ">= 0",
+    "data.max_train_per_class": ">= 0",
+    "data.max_test_per_class": ">= 0",
+    "data.transforms": ("small", "semivit"),
+    "data.crop_padding": ">= 0",
+    "data.randaug_num_ops": ">= 0",
+    "data.randaug_magnitude": ">= 0",
+    "data.random_erasing": "[0, 1]",
+    "data.num_workers": ">= 0",
+    "model.drop_path": "[0, 1)",
+    "model.global_pool": ("avg", "token", "max", "avgmax", "map"),
+    "pretrain.epochs": ">= 1",
+    "pretrain.batch_size": ">= 1",
+    "pretrain.lr": "> 0",
+    "pretrain.min_lr": ">= 0",
+    "pretrain.weight_decay": ">= 0",
+    "pretrain.warmup_epochs": ">= 0",
+    "pretrain.mask_ratio": "(0, 1)",
+    "pretrain.decoder_dim": ">= 1",
+    "pretrain.decoder_depth": ">= 1",
+    "pretrain.decoder_heads": ">= 1",
+    "pretrain.amp": _AMP,
+    "pretrain.grad_accum": ">= 1",
+    "finetune.epochs": ">= 1",
+    "finetune.batch_size": ">= 1",
+    "finetune.lr": "> 0",
+    "finetune.min_lr": ">= 0",
+    "finetune.weight_decay": ">= 0",
+    "finetune.layer_decay": "(0, 1]",
+    "finetune.warmup_epochs": ">= 0",
+    "finetune.label_smoothing": "[0, 1)",
+    "finetune.mixup": ">= 0",
+    "finetune.cutmix": ">= 0",
+    "finetune.ema_decay": "[0, 1)",
+    "finetune.clip_grad": ">= 0",
+    "finetune.amp": _AMP,
+    "finetune.grad_accum": ">= 1",
+    "finetune.eval_every": ">= 0",
+    "semi.epochs": ">= 1",
+    "semi.batch_size": ">= 1",
+    "semi.mu": ">= 1",
+    "semi.tau": "[0, 1]",
+    "semi.lambda_u": ">= 0",
+    "semi.teacher": ("ema", "student"),
+    "semi.ema_decay": "[0, 1)",
+    "semi.pseudo_mixup_cutmix_prob": "[0, 1]",
+    "semi.dist_align": ("none", "uniform", "labeled"),
+    "semi.dist_align_momentum": "[0, 1)",
+    "semi.lr": "> 0",
+    "semi.min_lr": ">= 0",
+    "semi.weight_decay": ">= 0",
+    "semi.layer_decay": "(0, 1]",
+    "semi.warmup_epochs": ">= 0",
+    "semi.label_smoothing": "[0, 1)",
+    "semi.mixup": ">= 0",
+    "semi.cutmix": ">= 0",
+    "semi.clip_grad": ">= 0",
+    "semi.amp": _AMP,
+    "semi.grad_accum": ">= 1",
+    "semi.collapse_min_classes": "[0, 1]",
+    "semi.eval_every": ">= 0",
+    "semi.steps_per_epoch": ">= 0",
+    "pseudo_label.batch_size": ">= 1",
+    "diffusion.model": ("dit", "unet"),
+    "diffusion.image_size": ">= 0",
+    "diffusion.patch_size": ">= 1",
+    "diffusion.hidden_size": ">= 1",
+    "diffusion.depth": ">= 1",
+    "diffusion.num_heads": ">= 1",
+    "diffusion.unet_layers_per_block": ">= 1",
+    "diffusion.unet_attention_levels": ">= 0",
+    "diffusion.min_confidence": "[0, 1]",
+    "diffusion.max_per_class": ">= 0",
+    "diffusion.p_uncond": "[0, 1)",
+    "diffusion.num_train_timesteps": ">= 2",
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "diffusion.epochs": ">= 1",
+    "diffusion.batch_size": ">= 1",
+    "diffusion.lr": "> 0",
+    "diffusion.weight_decay": ">= 0",
+    "diffusion.warmup_steps": ">= 0",
+    "diffusion.ema_decay": "[0, 1)",
+    "diffusion.clip_grad": ">= 0",
+    "diffusion.amp": _AMP,
+    "diffusion.grad_accum": ">= 1",
+    "diffusion.sample_every": ">= 0",
+    "diffusion.checkpoint_every": ">= 0",
+    "generate.num_per_class": ">= 0",
+    "generate.guidance_scale": ">= 0",
+    "generate.sampler": ("ddpm", "ddim", "dpmsolver++"),
+    "generate.steps": ">= 1",
+    "generate.batch_size": ">= 1",
+    "generate.seed": ">= 0",
+    "fid.features": ("inception", "classifier"),
+    "fid.batch_size": ">= 1",
+    "retrain.synthetic_per_class": ">= 0",
+    "retrain.synthetic_ratio": "[0, 1]",  # (0, 1) unless retrain.synthetic_only: see _check_cross_settings
+    "pipeline.judge_epochs": ">= 1",
+}
+
+# free-text settings: paths, keywords-or-paths, names; checked where they are used
+FREE_TEXT = {
+    "name", "output_dir", "checkpoint", "data.root", "data.label_csv", "model.name", "model.init",
+    "diffusion.vae", "diffusion.labels", "generate.model", "generate.out", "generate.classes",
+    "fid.real", "fid.fake", "fid.inception_weights", "fid.classifier", "fid.out", "retrain.synthetic",
+    "retrain.init",
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value)
+
+
+def _fail(key: str, requirement: str, value: Any, hint: str = "") -> None:
+    raise ConfigError(f"setting '{key}' must {requirement} (got {_show(value)}){hint}")
+
+
+def _check_rule(key: str, value: Any, spec: str | tuple) -> None:
+    if isinstance(spec, tuple):
+        if value not in spec:
+            _fail(key, f"be one of {', '.join(str(s) for s in spec)}", value)
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(key, "be a finite number", value)
+    if spec.startswith((">", "<")):
+        op, bound = spec.split()
+        ok = value >= float(bound) if op == ">=" else value > float(bound)
+        if not ok:
+            _fail(key, f"be {spec}", value)
+        return
+    low, high = (float(s) for s in spec[1:-1].split(","))
+    above = value > low if spec[0] == "(" else value >= low
+    below = value < high if spec[-1] == ")" else value <= high
+    if not (above and below):
+        _fail(key, f"lie in {spec}", value)
+
+
+def model_patch_size(model_name: str) -> int | None:
+    """The patch size a timm-style ViT name states (``vit_base_patch16_224`` -> 16), else None."""
+    match = re.search(r"patch(\d+)", model_name)
+    return int(match.group(1)) if match else None
+
+
+def _check_cross_settings(cfg: Config) -> None:
+    """Rules that involve two settings."""
+    d = cfg.data
+    if d.labels_per_class < 1 and d.label_percent <= 0 and not d.label_csv:
         raise ConfigError("set data.labels_per_class >= 1, data.label_percent > 0 or data.label_csv")
-    if cfg.generate.sampler not in ("ddpm", "ddim", "dpmsolver++"):
-        raise ConfigError(
-            f"setting 'generate.sampler' must be ddpm, ddim or dpmsolver++ (got '{cfg.generate.sampler}')"
+    patch = model_patch_size(cfg.model.name)
+    if patch and d.image_size % patch:
+        _fail(
+            "data.image_size", f"be divisible by {patch}, the patch size of model.name='{cfg.model.name}'",
+            d.image_size, f"; e.g. data.image_size={max(patch, d.image_size // patch * patch)}",
         )
+    for section in ("pretrain", "finetune", "semi"):
+        sec = getattr(cfg, section)
+        if sec.min_lr > sec.lr:
+            _fail(f"{section}.min_lr", f"be <= {section}.lr={sec.lr:g} (the schedule decays to it)", sec.min_lr)
+    if cfg.pretrain.decoder_dim % cfg.pretrain.decoder_heads:
+        _fail("pretrain.decoder_dim", f"be a multiple of pretrain.decoder_heads={cfg.pretrain.decoder_heads}",
+              cfg.pretrain.decoder_dim)
+    if not cfg.retrain.synthetic_only and not 0.0 < cfg.retrain.synthetic_ratio < 1.0:
+        _fail("retrain.synthetic_ratio", "lie in (0, 1), the share of synthetic images in each labeled batch",
+              cfg.retrain.synthetic_ratio, " (retrain.synthetic_only=true trains on synthetic images alone)")
+    _check_diffusion_shape(cfg)
+
+
+def _check_diffusion_shape(cfg: Config) -> None:
+    """The denoiser's own sizes; in pixel space its input is known now (with a VAE only once the
+    VAE is loaded, where dpt.diffusion.model_space checks it)."""
+    dc = cfg.diffusion
+    size = dc.image_size or cfg.data.image_size
+    where = "diffusion.image_size" if dc.image_size else "data.image_size (diffusion.image_size=0 follows it)"
+    if dc.model == "dit":
+        if dc.hidden_size % dc.num_heads:
+            _fail("diffusion.hidden_size", f"be a multiple of diffusion.num_heads={dc.num_heads}", dc.hidden_size)
+        if not dc.vae and size % dc.patch_size:
+            _fail("diffusion.patch_size", f"divide the generator's input size {size} ({where})", dc.patch_size)
+        return
+    chans = dc.unet_channels
+    if not chans or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chans):
+        _fail("diffusion.unet_channels", "be a non-empty list of channel counts >= 1, e.g. [64, 128, 128]", chans)
+    if dc.unet_attention_levels > len(chans):
+        _fail("diffusion.unet_attention_levels", f"be <= {len(chans)}, the levels of diffusion.unet_channels",
+              dc.unet_attention_levels)
+    factor = 2 ** (len(chans) - 1)
+    if not dc.vae and size % factor:
+        _fail("diffusion.unet_channels", f"have levels whose downsampling ({factor}x) divides the input size "
+              f"{size} ({where})", chans)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -78,22 +78,24 @@ def _count_rows(csv_path: Path) -> int | None:
 def run_evaluate(cfg: Config, checkpoint: str) -> dict:
     """Evaluate a classifier folder (student and EMA weights) on the held-out split; the numbers
     go to ``<output_dir>/evaluate/<folder name>/metrics.json`` and are returned."""
-    from semivit.models import load_classifier
+    from semivit.checks import check_same_classes, data_description
+    from semivit.models import load_classifier, read_classifier_meta
 
     if not checkpoint:
         raise ValueError("evaluate needs checkpoint=FOLDER (a finetune/semi/retrain output folder)")
     folder = Path(checkpoint)
     out_dir = cfg.run_dir / "evaluate" / folder.name
-    accelerator = make_accelerator(cfg, out_dir)
+    meta = read_classifier_meta(folder)  # a wrong folder fails before any data is read
     bundle = build_data(cfg.data)
+    check_same_classes(
+        meta["classes"], f"classifier '{folder}'", bundle.classes, data_description(cfg.data),
+        "evaluate it on the data set it was trained on (data.name / data.root)",
+    )
+    accelerator = make_accelerator(cfg, out_dir)
     student, meta = load_classifier(folder, prefer_ema=False)
     ema = None
     if (folder / "model_ema.safetensors").is_file():
         ema, _ = load_classifier(folder, prefer_ema=True)
-    if len(meta["classes"]) != bundle.num_classes:
-        raise ValueError(
-            f"checkpoint '{folder}' has {len(meta['classes'])} classes, data '{cfg.data.name}' has {bundle.num_classes}"
-        )
     loader = accelerator.prepare(make_test_loader(cfg, bundle))
     student = accelerator.prepare(student)
     if ema is not None:

@@ -16,6 +16,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from semivit.config import Config, ModelConfig
+from semivit.errors import FileFormatError, WeightsError
 from semivit.io import load_weights, save_weights
 
 logger = logging.getLogger(__name__)
@@ -141,8 +142,14 @@ def load_encoder_weights(model: VisionTransformer, path: str | Path, strict_head
     file = resolve_weights_file(path)
     state = _unwrap(load_weights(file))
     if not state:
-        raise ValueError(f"checkpoint '{file}' holds no tensors")
-    state = checkpoint_filter_fn(state, model)
+        raise WeightsError(f"checkpoint '{file}' holds no tensors (after unwrapping {', '.join(_WRAPPER_KEYS)})")
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as e:  # timm's resizing of position / patch embeddings met shapes it cannot map
+        raise WeightsError(
+            f"checkpoint '{file}' does not fit model '{type(model).__name__}': its embeddings cannot be resized "
+            f"({type(e).__name__}: {e}). Check model.name / data.image_size against the checkpoint."
+        ) from e
     own = model.state_dict()
     report = LoadReport(str(file))
     fitted = {}
@@ -153,7 +160,7 @@ def load_encoder_weights(model: VisionTransformer, path: str | Path, strict_head
             if k.startswith("head") and not strict_head:
                 report.skipped_shape.append(k)
             else:
-                raise ValueError(
+                raise WeightsError(
                     f"checkpoint '{file}' does not fit model: '{k}' has shape {tuple(v.shape)}, the model "
                     f"{tuple(own[k].shape)}. Check model.name / data.image_size against the checkpoint."
                 )
@@ -163,7 +170,7 @@ def load_encoder_weights(model: VisionTransformer, path: str | Path, strict_head
     report.missing = sorted(k for k in own if k not in fitted)
     backbone_missing = [k for k in report.missing if not k.startswith(("head", "fc_norm"))]
     if not fitted or len(backbone_missing) > len(own) // 2:
-        raise ValueError(
+        raise WeightsError(
             f"checkpoint '{file}' does not fit model '{type(model).__name__}': "
             f"{len(backbone_missing)} backbone tensors missing (e.g. {backbone_missing[:5]}), "
             f"unexpected e.g. {report.unexpected[:5]}"
@@ -202,9 +209,11 @@ def classifier_meta(cfg: Config, bundle) -> dict:
     }
 
 
-def load_classifier(folder: str | Path, prefer_ema: bool = True, device="cpu") -> tuple[VisionTransformer, dict]:
-    """Rebuild a classifier from a stage folder (``meta.json`` + weights) for inference.
-    Returns the model in eval mode and its meta (classes, channels, image_size, mean, std)."""
+META_KEYS = ("classes", "channels", "image_size", "model")
+
+
+def read_classifier_meta(folder: str | Path) -> dict:
+    """``meta.json`` of a classifier folder, with the keys inference needs."""
     from semivit.io import read_json
 
     folder = Path(folder)
@@ -214,15 +223,40 @@ def load_classifier(folder: str | Path, prefer_ema: bool = True, device="cpu") -
             "pass the output folder of finetune, semi or retrain"
         )
     meta = read_json(folder / "meta.json")
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing or not isinstance(meta.get("classes"), list):
+        raise FileFormatError(
+            f"'{folder / 'meta.json'}' lacks {missing or ['a list of classes']}; it was not written by this "
+            "project's finetune, semi or retrain (restore it or re-run that stage)"
+        )
+    return meta
+
+
+def load_classifier(folder: str | Path, prefer_ema: bool = True, device="cpu") -> tuple[VisionTransformer, dict]:
+    """Rebuild a classifier from a stage folder (``meta.json`` + weights) for inference.
+    Returns the model in eval mode and its meta (classes, channels, image_size, mean, std)."""
+    folder = Path(folder)
+    meta = read_classifier_meta(folder)
     mcfg = ModelConfig(name=meta["model"], drop_path=0.0, global_pool=meta.get("global_pool", "avg"), init="none")
     model = create_classifier(mcfg, len(meta["classes"]), meta["image_size"], meta["channels"])
     names = ["model_ema.safetensors", "model.safetensors"] if prefer_ema else ["model.safetensors"]
     file = next((folder / n for n in names if (folder / n).is_file()), None)
     if file is None:
         raise FileNotFoundError(f"'{folder}' holds no model weights ({' or '.join(names)})")
-    missing, unexpected = model.load_state_dict(load_weights(file), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_weights(file), strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise WeightsError(
+            f"weights '{file}' do not fit the model that meta.json describes ({_first_line(e)}); the folder mixes "
+            "files of different runs: re-run the stage that wrote it"
+        ) from e
     if missing or unexpected:
-        raise ValueError(
+        raise WeightsError(
             f"weights '{file}' do not fit the model in meta.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.to(device).eval(), meta
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(e).__name__

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semivit.checks import check_same_classes, data_description
 from semivit.config import Config
 from semivit.data import ViewDataset, build_data, build_transforms, load_label_split, make_split
 from semivit.engine import make_accelerator
 from semivit.evaluate import predict
 from semivit.io import atomic_path, atomic_write_json
-from semivit.models import load_classifier
+from semivit.models import load_classifier, read_classifier_meta
 from semivit.stage import make_loader
 
 logger = logging.getLogger("semivit")
@@ -37,11 +38,14 @@ def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
             "the same output_dir first, or set checkpoint=FOLDER"
         )
     out_dir = cfg.run_dir / "stage1"
-    accelerator = make_accelerator(cfg, out_dir)
+    meta = read_classifier_meta(folder)
     bundle = build_data(cfg.data)
+    check_same_classes(
+        meta["classes"], f"classifier '{folder}'", bundle.classes, data_description(cfg.data),
+        "label the data set it was trained on (data.name / data.root), or set checkpoint=FOLDER",
+    )
+    accelerator = make_accelerator(cfg, out_dir)
     model, meta = load_classifier(folder, prefer_ema=cfg.pseudo_label.use_ema)
-    if len(meta["classes"]) != bundle.num_classes:
-        raise ValueError(f"checkpoint '{folder}' has {len(meta['classes'])} classes, data '{cfg.data.name}' {bundle.num_classes}")
     # the labeled subset the classifier was trained with, so its rows keep their given labels
     split_file = folder / "label_split.csv"
     labeled = load_label_split(split_file, bundle.train) if split_file.is_file() else make_split(cfg.data, bundle.train, cfg.seed).labeled
