@@ -207,15 +207,20 @@ def sample(
     guidance_scale: float,
     steps: int,
     generators: list[torch.Generator] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Our guided sampling loop over any diffusers scheduler (diffusers' DiTPipeline hard-codes 1000
     classes). ``generators`` (one per image) feed the stochastic samplers, so an image never
-    depends on which other images share its batch."""
+    depends on which other images share its batch. ``amp_dtype`` (bf16/fp16) runs the network
+    under autocast."""
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        out = predict(model, x_in, t.to(noise.device), labels, null_label, guidance_scale)
+        # the network may run in reduced precision (amp_dtype); the solver's state stays fp32
+        with torch.autocast(noise.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = predict(model, x_in, t.to(noise.device), labels, null_label, guidance_scale)
+        out = out.float()
         x = scheduler.step(out, t, x, generator=generators).prev_sample
     return x
 
@@ -397,3 +402,6 @@ def read_generator_files(folder: str | Path) -> tuple[str, dict, dict]:
     sched_file = folder / "scheduler_config.json"
     sched = read_json(sched_file) if sched_file.is_file() else DDPMScheduler().config
     return cls_name, meta, sched
+
+
+AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}

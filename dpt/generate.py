@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from dpt.diffusion import (
+    AMP_DTYPES,
     Codec,
     image_noise,
     image_seed,
@@ -169,7 +170,9 @@ def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
     class_ids = parse_classes(gcfg.classes, classes)
     dirs = class_dirs(classes)
     null = int(meta["null_label"])
-    accelerator = make_accelerator(cfg, out)
+    # sampling runs at the generator's training precision (diffusion.amp)
+    accelerator = make_accelerator(cfg, out, amp=cfg.diffusion.amp)
+    amp_dtype = AMP_DTYPES[cfg.diffusion.amp]
     device = accelerator.device
     model.to(device)
     codec = Codec(load_vae(meta["vae"]) if meta.get("vae") else None).to(device)
@@ -212,7 +215,7 @@ def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
     for batch in mine:
         labels = torch.tensor([c for c, _ in batch], device=device)
         noise, gens = image_noise([image_seed(gcfg.seed, c, i) for c, i in batch], shape, device)
-        x = sample(model, sampler, noise, labels, null, gcfg.guidance_scale, gcfg.steps, gens)
+        x = sample(model, sampler, noise, labels, null, gcfg.guidance_scale, gcfg.steps, gens, amp_dtype)
         imgs = ((codec.decode(x) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         imgs = imgs.permute(0, 2, 3, 1).cpu().numpy()
         for (c, i), img in zip(batch, imgs, strict=True):

@@ -297,12 +297,37 @@ def _peak_memory() -> dict:
     return out
 
 
+def preflight(cfg: Config, todo: list[tuple[Stage, str]]) -> None:
+    """Check every file the stages to run will need before the first one starts, so a missing
+    VAE or Inception file is reported in seconds, not after hours of training."""
+    from dpt.errors import DPTError
+    from semivit.checks import data_class_names
+
+    names = {s.name for s, _ in todo}
+    if names & {"pretrain", "finetune", "semi", "pseudo-label", "judge", "train-diffusion", "retrain", "report"}:
+        data_class_names(cfg.data)  # the data layout (class folders), without reading every image
+    if names & {"finetune", "judge"} and cfg.model.init not in ("", "auto", "none") and not Path(cfg.model.init).exists():
+        raise DPTError(f"model.init='{cfg.model.init}' not found; use auto, none or the path of a weights file/folder")
+    if names & {"train-diffusion"} and cfg.diffusion.vae and not (Path(cfg.diffusion.vae) / "config.json").is_file():
+        raise DPTError(
+            f"diffusion.vae='{cfg.diffusion.vae}' is not a local AutoencoderKL folder (config.json missing); save one "
+            "with AutoencoderKL.save_pretrained(DIR) on a machine with internet and point diffusion.vae at DIR"
+        )
+    if "report" in names and cfg.fid.features == "inception":
+        from dpt.fid import InceptionFeatures
+
+        InceptionFeatures(cfg.fid.inception_weights)  # reads the file safely and checks its layout
+
+
 def run_pipeline(cfg: Config, start: str | None = None) -> dict:
     state_ = distributed_state()
     if state_.is_main_process:
         _recover(cfg)
     state_.wait_for_everyone()
     todo = plan(cfg, start)
+    preflight(cfg, todo)
+    if cfg.smoke and state_.is_main_process:
+        logger.info("smoke run: the config's models, precision and files on a few images and ~2 steps per stage")
     skipped = [s.name for s in STAGES if s.enabled(cfg) and s.name not in {t.name for t, _ in todo}]
     if state_.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)

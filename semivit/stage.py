@@ -12,6 +12,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
+from semivit.checks import check_classifier_classes
 from semivit.config import Config
 from semivit.data import save_label_split
 from semivit.loop import StopRequested, seed_worker  # noqa: F401  (StopRequested: the CLIs catch it here)
@@ -36,6 +37,8 @@ def resolve_init(cfg: Config, init: str | None) -> str | None:
 def build_classifier(cfg: Config, bundle, init: str | None, strict_head: bool = False):
     model = create_classifier(cfg.model, bundle.num_classes, cfg.data.image_size, bundle.channels)
     if init:
+        # a classifier folder's head rows mean its classes: they must be the data's, in order
+        check_classifier_classes(init, bundle.classes, cfg.data, "model.init / checkpoint", "start from a classifier of this data set")
         report = load_encoder_weights(model, init, strict_head=strict_head)
         logger.info("init: %s", report.summary())
     else:
