@@ -173,15 +173,14 @@ def _mix_batched(images, perm, lam, use_cut, corners) -> torch.Tensor:
     _, _, h, w = images.shape
     in_rows, in_cols = _box_bands(corners, h, w, rows_on=use_cut)
     box = in_rows.to(images.dtype) * in_cols.to(images.dtype)  # 0 on every Mixup row
-    cut = use_cut.view(-1, 1, 1).to(images.dtype)
+    cut = use_cut.view(-1, 1, 1)
     lam = lam.to(images.dtype).view(-1, 1, 1)
-    # own = (1 - box) on CutMix rows, lam on Mixup rows; partner = box, 1 - lam: each term adds
-    # an exact 0 to the other, so no rounding enters
-    own = torch.sub(1.0, box).mul_(cut).add_(lam * (1.0 - cut))
-    partner = box.add_((1.0 - lam) * (1.0 - cut))
+    # own: 1 - box on CutMix rows, lam - 0 on Mixup rows; partner: box + 0, 0 + (1 - lam). Every
+    # term is exact, so the weights are those of the per-sample formula to the last bit
+    own = torch.where(cut, 1.0, lam) - box
+    partner = box.add_(torch.where(cut, 0.0, 1.0 - lam))
     out = images * own.unsqueeze(1)
-    mixed_in = images.index_select(0, perm).mul_(partner.unsqueeze(1))
-    return out.add_(mixed_in)
+    return out.add_(images.index_select(0, perm).mul_(partner.unsqueeze(1)))
 
 
 def prob_pseudo_mixup(
