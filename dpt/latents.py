@@ -18,6 +18,7 @@ Memory: N x F x 2 x C*h*w float32 values (at 256 px with an SD VAE, 64 KiB per i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -167,6 +168,21 @@ class _Pixels(Dataset):
         return self.transform(self.source.load(int(self.indices[k])).convert(self.mode))
 
 
+@contextlib.contextmanager
+def conv_layout(vae):
+    """On CUDA, the VAE's weights in channels-last while it encodes (cuDNN's fast layout for
+    convolutions, which the encoder is made of), restored afterwards. On the CPU the plain layout
+    stays: channels-last measured slower there (benchmarks/latent_cache.py)."""
+    cuda = next(vae.parameters()).device.type == "cuda"
+    if cuda:
+        vae.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        if cuda:
+            vae.to(memory_format=torch.contiguous_format)
+
+
 @torch.no_grad()
 def encode_posteriors(vae, images: torch.Tensor, hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std (B, F, C, h, w) of uint8 images; the mirrored images go through the
@@ -177,7 +193,7 @@ def encode_posteriors(vae, images: torch.Tensor, hflip: bool) -> tuple[torch.Ten
     param = next(vae.parameters())
     x = x.to(param.device, param.dtype)
     if param.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)  # cuDNN's fast layout for the convs
+        x = x.contiguous(memory_format=torch.channels_last)  # with the weights, see conv_layout
     dist = vae.encode(x).latent_dist
     flips = 2 if hflip else 1
     shape = (flips, images.shape[0], *dist.mean.shape[1:])
@@ -194,7 +210,7 @@ def encode_share(
 
     loader = DataLoader(_Pixels(source, indices, channels, image_size), batch_size=batch_size, num_workers=num_workers)
     means, stds = [], []
-    with tqdm(total=len(indices), desc="encoding latents", unit="img", disable=not show_progress) as bar:
+    with conv_layout(vae), tqdm(total=len(indices), desc="encoding latents", unit="img", disable=not show_progress) as bar:
         for images in loader:
             mean, std = encode_posteriors(vae, images, hflip)
             means.append(mean)
