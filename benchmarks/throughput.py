@@ -434,19 +434,19 @@ def per_sample_pseudo_mixup(images, conf, pseudo, num_classes, tau, smoothing=0.
     return {"images": mixed, "target": target, "mask": torch.maximum(conf, conf_p) >= tau}
 
 
-def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread) of one call. With one intra-op thread on the
+    CPU the work runs on the calling thread, so its CPU time leaves out the time other processes
+    of a shared machine held the core (page faults and memory stalls still count)."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.thread_time() - cpu
 
 
 def mixup_row(device: torch.device, shape: tuple[int, int, int, int], repeats: int) -> dict:
-    """Best-of-``repeats`` time of the batched and the per-sample pseudo mixup on one batch,
+    """Best-of-``repeats`` times of the batched and the per-sample pseudo mixup on one batch,
     alternated so that a busy moment of a shared machine hits both; and whether they agree."""
     n, c, h, w = shape
     g = torch.Generator().manual_seed(0)
@@ -461,24 +461,27 @@ def mixup_row(device: torch.device, shape: tuple[int, int, int, int], repeats: i
     a, b = seeded(prob_pseudo_mixup), seeded(per_sample_pseudo_mixup)
     exact = bool(torch.equal(a["images"], b["images"]))
     target_err = float((a["target"] - b["target"]).abs().max())
-    batched = loop = math.inf
+    batched, loop = [math.inf, math.inf], [math.inf, math.inf]  # wall, thread CPU
     for _ in range(repeats):
-        batched = min(batched, best_seconds(lambda: prob_pseudo_mixup(*args), device, 1))
-        loop = min(loop, best_seconds(lambda: per_sample_pseudo_mixup(*args), device, 1))
-    return {
+        batched = [min(x) for x in zip(batched, timed(lambda: prob_pseudo_mixup(*args), device), strict=True)]
+        loop = [min(x) for x in zip(loop, timed(lambda: per_sample_pseudo_mixup(*args), device), strict=True)]
+    row = {
         "row": "f",
         "name": f"pseudo_mixup_{h}px",
         "batch": n,
         "shape": list(shape),
-        "images_per_s": n / batched,
-        "step_ms": 1e3 * batched,
-        "loop_ms": 1e3 * loop,
-        "speedup_vs_loop": loop / batched,
+        "images_per_s": n / batched[0],
+        "step_ms": 1e3 * batched[0],
+        "loop_ms": 1e3 * loop[0],
+        "speedup_vs_loop": loop[0] / batched[0],
         "images_equal_to_loop": exact,
         "target_max_abs_diff": target_err,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
     }
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        row.update(cpu_ms=1e3 * batched[1], loop_cpu_ms=1e3 * loop[1], cpu_speedup_vs_loop=loop[1] / batched[1])
+    return row
 
 
 def mixup_rows(device: torch.device, repeats: int) -> list[dict]:
@@ -577,7 +580,10 @@ def print_table(result: dict) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         tflop = f"{r['tflop_per_step']:.4f}" if "tflop_per_step" in r else "-"
         if r["row"] == "f":
-            notes = f"loop {r['loop_ms']:.2f} ms, x{r['speedup_vs_loop']:.2f}, equal={r['images_equal_to_loop']}, {r['threads']} thread(s)"
+            notes = f"loop {r['loop_ms']:.2f} ms, x{r['speedup_vs_loop']:.2f}"
+            if "cpu_speedup_vs_loop" in r:
+                notes += f" (CPU time {r['cpu_ms']:.2f} vs {r['loop_cpu_ms']:.2f} ms, x{r['cpu_speedup_vs_loop']:.2f})"
+            notes += f", equal={r['images_equal_to_loop']}, {r['threads']} thread(s)"
         else:
             notes = ", ".join(f"{k}={r[k]}" for k in ("sdpa", "fused") if k in r)
             if "time_per_image_vs_finetune" in r:

@@ -167,20 +167,22 @@ def _mix_row_by_row(images, perm, lam, use_cut, corners) -> torch.Tensor:
 
 
 def _mix_batched(images, perm, lam, use_cut, corners) -> torch.Tensor:
-    """The whole batch as ``x * own + x[perm] * partner`` with per-pixel weights (N, 1, H, W):
-    Mixup rows lam_i and 1 - lam_i, CutMix rows 1 / 0 outside the box and 0 / 1 inside it. For
-    finite pixels x * 1 + y * 0 is exactly x, so both kinds come out as a per-sample loop's."""
-    _, _, h, w = images.shape
+    """The whole batch as ``x[perm] * partner + x * own`` with per-pixel weights (N, 1, H, W):
+    Mixup rows 1 - lam_i and lam_i, CutMix rows 0 / 1 outside the box and 1 / 0 inside it. For
+    finite pixels y * 0 + x * 1 is exactly x, so both kinds come out as a per-sample loop's."""
+    _, c, h, w = images.shape
     in_rows, in_cols = _box_bands(corners, h, w, rows_on=use_cut)
-    box = in_rows.to(images.dtype) * in_cols.to(images.dtype)  # 0 on every Mixup row
     cut = use_cut.view(-1, 1, 1)
     lam = lam.to(images.dtype).view(-1, 1, 1)
-    # own: 1 - box on CutMix rows, lam - 0 on Mixup rows; partner: box + 0, 0 + (1 - lam). Every
-    # term is exact, so the weights are those of the per-sample formula to the last bit
-    own = torch.where(cut, 1.0, lam) - box
-    partner = box.add_(torch.where(cut, 0.0, 1.0 - lam))
-    out = images * own.unsqueeze(1)
-    return out.add_(images.index_select(0, perm).mul_(partner.unsqueeze(1)))
+    box = in_rows.to(images.dtype) * in_cols.to(images.dtype)  # 0 on every Mixup row
+    # partner = box + 0 on CutMix rows, 0 + (1 - lam) on Mixup rows; own = 1 - box, lam - 0:
+    # with a box of 0s and 1s every one of these sums is exact, so the weights are the
+    # per-sample formula's to the last bit
+    partner = box + torch.where(cut, 0.0, 1.0 - lam)
+    out = images.index_select(0, perm).mul_(partner.unsqueeze(1))
+    # few full-size temporaries: the partner buffer takes own, and with one channel x * own too
+    own = torch.sub(torch.where(cut, 1.0, lam), box, out=partner).unsqueeze(1)
+    return out.add_(own.mul_(images) if c == 1 else images * own)
 
 
 def prob_pseudo_mixup(
