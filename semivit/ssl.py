@@ -95,12 +95,9 @@ def unlabeled_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return (per_sample * mask.float()).sum() / max(1, logits.shape[0])
 
 
-def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None):
-    """One CutMix box per sample with side ratio sqrt(1 - lam_i), centred uniformly at random.
-
-    Returns the boolean box masks (N, H, W) (True = pixel comes from the partner image) and lam
-    recomputed from each clipped box area, so the target weights match the pixels actually mixed.
-    """
+def _cutmix_box_corners(lam: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None):
+    """Corners ``(y1, y2, x1, x2)`` of one CutMix box per sample (side ratio sqrt(1 - lam_i), centre
+    drawn uniformly: all ``cy`` then all ``cx``) and lam recomputed from each clipped box area."""
     n, device = lam.shape[0], lam.device
     ratio = torch.sqrt((1.0 - lam).clamp(0.0, 1.0))
     cut_h = (height * ratio).long()
@@ -109,14 +106,83 @@ def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Ge
     cx = torch.randint(0, width, (n,), generator=generator, device=device)
     y1, y2 = (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height)
     x1, x2 = (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)
-    rows = torch.arange(height, device=device).view(1, -1, 1)
-    cols = torch.arange(width, device=device).view(1, 1, -1)
-    # separable: a row band (N, H, 1) and a column band (N, 1, W), one broadcast AND
-    in_rows = (rows >= y1.view(-1, 1, 1)) & (rows < y2.view(-1, 1, 1))
-    in_cols = (cols >= x1.view(-1, 1, 1)) & (cols < x2.view(-1, 1, 1))
-    box = in_rows & in_cols
-    area = ((y2 - y1) * (x2 - x1)).float()
-    return box, 1.0 - area / float(height * width)
+    pixels = height * width
+    # (pixels - area) / pixels is one rounding of an exact integer ratio: the same float a
+    # per-sample loop gets from 1 - area / pixels in Python doubles
+    kept = (pixels - (y2 - y1) * (x2 - x1)).float() / pixels
+    return (y1, y2, x1, x2), kept
+
+
+def _box_bands(corners, height: int, width: int, rows_on: torch.Tensor | None = None):
+    """The separable box masks: a row band (N, H, 1) and a column band (N, 1, W), boolean.
+    ``rows_on`` (N,) switches a sample's row band off (no box at all)."""
+    y1, y2, x1, x2 = (c.view(-1, 1, 1) for c in corners)
+    rows = torch.arange(height, device=y1.device).view(1, -1, 1)
+    cols = torch.arange(width, device=y1.device).view(1, 1, -1)
+    in_rows = (rows >= y1) & (rows < y2)
+    if rows_on is not None:
+        in_rows &= rows_on.view(-1, 1, 1)
+    return in_rows, (cols >= x1) & (cols < x2)
+
+
+def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None):
+    """One CutMix box per sample with side ratio sqrt(1 - lam_i), centred uniformly at random.
+
+    Returns the boolean box masks (N, H, W) (True = pixel comes from the partner image) and lam
+    recomputed from each clipped box area, so the target weights match the pixels actually mixed.
+    """
+    corners, kept = _cutmix_box_corners(lam, height, width, generator)
+    in_rows, in_cols = _box_bands(corners, height, width)
+    return in_rows & in_cols, kept
+
+
+# Per-sample rows of at least this many values are mixed row by row on the CPU: there every
+# full-batch temporary costs a fresh allocation (page faults) and a pass through memory, which a
+# few slice operations per row avoid; smaller rows (and any GPU batch) are mixed in a handful of
+# batched kernels, where per-row Python calls would dominate.
+_ROW_BY_ROW_MIN_VALUES = 16384
+
+
+def _mix_row_by_row(images, perm, lam, use_cut, corners) -> torch.Tensor:
+    """Write each output row once: CutMix rows copy their own image and then the partner's box,
+    Mixup rows are ``x_i * lam_i + x_j * (1 - lam_i)`` through one reusable row buffer."""
+    out = torch.empty_like(images)
+    y1, y2, x1, x2 = (c.tolist() for c in corners)
+    partner, cut, weight = perm.tolist(), use_cut.tolist(), lam.tolist()
+    sources, targets = images.unbind(0), out.unbind(0)
+    scratch = None
+    for i, j in enumerate(partner):
+        own, dst = sources[i], targets[i]
+        if cut[i]:
+            dst.copy_(own)
+            box = (slice(None), slice(y1[i], y2[i]), slice(x1[i], x2[i]))
+            dst[box].copy_(sources[j][box])
+        else:
+            if scratch is None:
+                scratch = torch.empty_like(own)
+            # two products and a sum, rounded as the per-sample formula rounds them
+            torch.mul(own, weight[i], out=dst)
+            dst.add_(torch.mul(sources[j], 1.0 - weight[i], out=scratch))
+    return out
+
+
+def _mix_batched(images, perm, lam, use_cut, corners) -> torch.Tensor:
+    """The whole batch as ``x[perm] * partner + x * own`` with per-pixel weights (N, 1, H, W):
+    Mixup rows 1 - lam_i and lam_i, CutMix rows 0 / 1 outside the box and 1 / 0 inside it. For
+    finite pixels y * 0 + x * 1 is exactly x, so both kinds come out as a per-sample loop's."""
+    _, c, h, w = images.shape
+    in_rows, in_cols = _box_bands(corners, h, w, rows_on=use_cut)
+    cut = use_cut.view(-1, 1, 1)
+    lam = lam.to(images.dtype).view(-1, 1, 1)
+    box = in_rows.to(images.dtype) * in_cols.to(images.dtype)  # 0 on every Mixup row
+    # partner = box + 0 on CutMix rows, 0 + (1 - lam) on Mixup rows; own = 1 - box, lam - 0:
+    # with a box of 0s and 1s every one of these sums is exact, so the weights are the
+    # per-sample formula's to the last bit
+    partner = box + torch.where(cut, 0.0, 1.0 - lam)
+    out = images.index_select(0, perm).mul_(partner.unsqueeze(1))
+    # few full-size temporaries: the partner buffer takes own, and with one channel x * own too
+    own = torch.sub(torch.where(cut, 1.0, lam), box, out=partner).unsqueeze(1)
+    return out.add_(own.mul_(images) if c == 1 else images * own)
 
 
 def prob_pseudo_mixup(
@@ -145,13 +211,13 @@ def prob_pseudo_mixup(
     conf_p = conf[perm]
     lam = conf / (conf + conf_p).clamp_min(1e-12)
     use_cut = torch.rand(n, generator=generator, device=device) < cutmix_prob
-    box, box_lam = cutmix_boxes(lam, h, w, generator)
+    corners, box_lam = _cutmix_box_corners(lam, h, w, generator)
     lam = torch.where(use_cut, box_lam, lam)
 
-    # one per-pixel weight of the own image covers both cases: the box complement for CutMix,
-    # the constant lam_i for Mixup; then a single lerp mixes the whole batch
-    own = torch.where(use_cut.view(-1, 1, 1), ~box, lam.view(-1, 1, 1).expand_as(box).to(images.dtype))
-    out = torch.lerp(images[perm], images, own.to(images.dtype).unsqueeze(1))
+    if device.type == "cpu" and images[0].numel() >= _ROW_BY_ROW_MIN_VALUES:
+        out = _mix_row_by_row(images, perm, lam, use_cut, corners)
+    else:
+        out = _mix_batched(images, perm, lam, use_cut, corners)
 
     onehot = smooth_one_hot(pseudo, num_classes, smoothing)
     target = lam.view(-1, 1) * onehot + (1.0 - lam.view(-1, 1)) * onehot[perm]

@@ -131,6 +131,39 @@ def test_batched_equals_per_sample_reference():
     assert torch.allclose(out["target"], ref_t, atol=1e-6)
 
 
+@pytest.mark.parametrize("row_by_row", [False, True])
+@pytest.mark.parametrize("shape", [(24, 1, 12, 12), (10, 3, 40, 36)])
+def test_mixing_paths_equal_per_sample_reference_bit_for_bit(monkeypatch, row_by_row, shape):
+    """Both ways of mixing (batched kernels, and row by row for large CPU images) give exactly the
+    per-sample loop's pixels and targets, and draw the same random numbers in the same order."""
+    import semivit.ssl as ssl
+
+    monkeypatch.setattr(ssl, "_ROW_BY_ROW_MIN_VALUES", 0 if row_by_row else 10**12)
+    n, c, h, w = shape
+    k = 5
+    x = torch.randn(shape)
+    before = x.clone()
+    conf = torch.rand(n) * 0.9 + 0.1
+    hard = torch.randint(0, k, (n,))
+    g = torch.Generator().manual_seed(11)
+    state = g.get_state()
+    out = prob_pseudo_mixup(x, conf, hard, k, 0.5, smoothing=0.0, cutmix_prob=0.5, generator=g)
+    after = g.get_state()
+    g.set_state(state)
+    perm = torch.randperm(n, generator=g)
+    use_cut = torch.rand(n, generator=g) < 0.5
+    cy = torch.randint(0, h, (n,), generator=g)
+    cx = torch.randint(0, w, (n,), generator=g)
+    assert torch.equal(g.get_state(), after)  # randperm, rand, randint(cy), randint(cx) and nothing else
+    assert 0 < int(use_cut.sum()) < n  # both kinds of sample occur
+    ref_x, ref_t = _loop_reference(x, conf, hard, k, 0.5, perm, use_cut, cy, cx)
+    assert torch.equal(out["perm"], perm) and torch.equal(out["cutmix"], use_cut)
+    assert torch.equal(out["images"], ref_x)
+    # the reference keeps a CutMix lam in double precision for 1 - lam: one float32 ulp apart at most
+    assert torch.allclose(out["target"], ref_t, rtol=0.0, atol=1.2e-7)
+    assert torch.equal(x, before)  # the input batch is left as it was
+
+
 def test_pseudo_label_stats_and_collapse_check(caplog):
     from semivit.semi import check_collapse, pseudo_label_stats
 
