@@ -184,6 +184,20 @@ class PixelDataset(Dataset):
         return img, int(self.labels[k])
 
 
+class RowDataset(Dataset):
+    """``(row, label)`` into a cached latent set: in latent space with ``diffusion.cache_latents``
+    the images were encoded once and a step only draws from their cached posteriors."""
+
+    def __init__(self, labels: TrainingLabels):
+        self.labels = labels.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, k: int):
+        return k, int(self.labels[k])
+
+
 def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float() / 127.5 - 1.0
 
@@ -279,7 +293,17 @@ def run_train_diffusion(cfg: Config) -> Path:
         model_cls=type(model),
         model_config=model.config,
     )
-    dataset = PixelDataset(bundle.train, labels, bundle.channels, image_size)
+    latents = None
+    if vae is not None and dcfg.cache_latents:
+        from dpt.latents import load_or_build_latents
+
+        latents = load_or_build_latents(
+            cfg.run_dir / "cache" / "latents", bundle.train, labels.indices, codec.vae, image_size, bundle.channels,
+            dcfg.hflip, dcfg.batch_size, trainer.accelerator, cfg.data.num_workers,
+        ).to(device)
+        dataset = RowDataset(labels)
+    else:
+        dataset = PixelDataset(bundle.train, labels, bundle.channels, image_size)
     loader = trainer.loader(dataset, dcfg.batch_size, shuffle=True, drop_last=len(dataset) >= dcfg.batch_size * trainer.accelerator.num_processes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay, **_fused(model))
     model, loader = trainer.prepare(model, optimizer, loader)
@@ -305,11 +329,15 @@ def run_train_diffusion(cfg: Config) -> Path:
 
     def step(batch):
         x, y = batch
-        x = to_unit_range(x)
-        if dcfg.hflip:
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x0 = codec.encode(x)
+        if latents is not None:  # x: rows of the cached posteriors
+            flip = torch.rand(x.shape[0], device=device) < 0.5 if dcfg.hflip else None
+            x0 = latents.sample(x, flip)
+        else:
+            x = to_unit_range(x)
+            if dcfg.hflip:
+                flip = torch.rand(x.shape[0], device=x.device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x0 = codec.encode(x)
         y = drop_labels(y, k, dcfg.p_uncond)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)

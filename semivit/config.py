@@ -158,6 +158,7 @@ class DiffusionConfig:
     unet_layers_per_block: int = 1
     unet_attention_levels: int = 1  # self-attention in the lowest N resolutions of the UNet
     vae: str = ""  # local AutoencoderKL folder: train in its latent space
+    cache_latents: bool = True  # latent space: encode the training images once (both flips), reuse the cache
     labels: str = "auto"  # auto (this run's pseudo_labels.csv) | true | PATH to a labels CSV
     min_confidence: float = 0.0
     max_per_class: int = 0

@@ -165,3 +165,18 @@ def test_latent_space_with_local_vae(tmp_path):
 
     img = Image.open(next((run / "synthetic" / "0").glob("*.png")))
     assert img.size == (8, 8) and img.mode == "L"
+    # the training images were encoded once into the run's latent cache; a rerun with other
+    # training settings (or a resumed one) reads it instead of encoding again
+    assert list((run / "cache" / "latents").glob("*.safetensors"))
+    import dpt.latents
+
+    def no_encoding(*a, **k):
+        raise AssertionError("encoded again although the cache is valid")
+
+    real = dpt.latents.encode_share
+    dpt.latents.encode_share = no_encoding
+    try:
+        args = ["train-diffusion", *TINY, f"output_dir={run}", "labels=true", "epochs=1", f"vae={tmp_path / 'vae'}"]
+        assert main([*args, "diffusion.patch_size=1", "diffusion.lr=0.001"]) == 0
+    finally:
+        dpt.latents.encode_share = real
