@@ -81,7 +81,7 @@ def _results_plot(summary: dict, path: Path) -> None:
 
 def run_report(cfg: Config) -> dict:
     from dpt.fid import run_fid, synthetic_class_accuracy
-    from dpt.pipeline import stage_seconds
+    from dpt.pipeline import stage_resources, stage_seconds
     from semivit.engine import distributed_state
 
     run = cfg.run_dir
@@ -119,6 +119,8 @@ def run_report(cfg: Config) -> dict:
         fid_num_real=fid.get("num_real"),
         fid_num_fake=fid.get("num_fake"),
         stage_seconds=stage_seconds(cfg),
+        stage_resources=stage_resources(cfg),
+        smoke=cfg.smoke,
     )
     if distributed_state().is_main_process:
         atomic_write_json(run / "summary.json", summary)
@@ -147,11 +149,20 @@ def _per_class_table(run: Path) -> str:
     return head + body
 
 
+SMOKE_NOTE = """
+**Smoke run** (`smoke=true`): the config's models, precision and files on a few images per class
+and about two optimizer steps per stage. It proves that the run works; its numbers mean nothing.
+"""
+
+
 def render_report(cfg: Config, summary: dict) -> str:
     run = cfg.run_dir
     rows = "".join(f"| {label} | {_fmt(summary.get(key))} |\n" for key, label, _ in ROWS)
-    secs = summary.get("stage_seconds") or {}
-    timing = "".join(f"| {k} | {v if v is not None else '-'} |\n" for k, v in secs.items())
+    res = summary.get("stage_resources") or {k: {"seconds": v} for k, v in (summary.get("stage_seconds") or {}).items()}
+    timing = "".join(
+        f"| {k} | {v.get('seconds', '-')} | {v.get('peak_host_gb', '-')} | {v.get('peak_gpu_gb', '-')} |\n"
+        for k, v in res.items()
+    )
     images = []
     for rel, caption in [
         ("results.png", "Top-1 of each classifier"),
@@ -169,7 +180,7 @@ Data: `{cfg.data.name}`, {summary.get("num_labeled")} labeled training images
 ({cfg.data.labels_per_class} per class unless data.label_percent / data.label_csv say otherwise),
 held-out split of {summary.get("num_test")} images. Model: `{cfg.model.name}`. Seed {cfg.seed}.
 Each top-1 is the final EMA model of its stage on the held-out split.
-
+{SMOKE_NOTE if summary.get("smoke") else ""}
 | classifier | top-1 % |
 |---|---|
 {rows}
@@ -182,9 +193,9 @@ Each top-1 is the final EMA model of its stage on the held-out split.
 ## Per-class top-1 %
 
 {_per_class_table(run)}
-## Wall time per stage (seconds)
+## Wall time and peak memory per stage (main process)
 
-| stage | seconds |
-|---|---|
+| stage | seconds | peak host GB | peak GPU GB |
+|---|---|---|---|
 {timing}
 {chr(10).join(images)}"""
