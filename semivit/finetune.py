@@ -18,6 +18,7 @@ from timm.loss import SoftTargetCrossEntropy
 from semivit.config import Config
 from semivit.data import ImageSource, ViewDataset, build_data, build_transforms, make_split
 from semivit.evaluate import evaluate_models, make_test_loader
+from semivit.layout import layout
 from semivit.loop import Trainer
 from semivit.stage import build_classifier, classifier_outputs, make_ema, make_optimizer, resolve_init
 
@@ -38,7 +39,7 @@ def run_finetune(
     name: str = "finetune",
 ) -> Path:
     fc = cfg.finetune
-    stage_dir = Path(out_dir) if out_dir else cfg.run_dir / "stage1" / "finetune"
+    stage_dir = Path(out_dir) if out_dir else layout(cfg).finetune
     trainer = Trainer(
         cfg,
         name,

@@ -22,6 +22,7 @@ from semivit.data import ViewDataset, build_data, build_transforms, load_label_s
 from semivit.engine import make_accelerator
 from semivit.evaluate import predict
 from semivit.io import atomic_path, atomic_write_json
+from semivit.layout import META, layout
 from semivit.models import load_classifier, read_classifier_meta
 from semivit.stage import make_loader
 
@@ -31,13 +32,13 @@ COLUMNS = ["index", "path", "label", "confidence", "true_label"]
 
 
 def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
-    folder = Path(checkpoint or cfg.checkpoint or cfg.run_dir / "stage1" / "semi")
-    if not (folder / "meta.json").is_file():
+    folder = Path(checkpoint or cfg.checkpoint or layout(cfg).semi)
+    if not (folder / META).is_file():
         raise FileNotFoundError(
             f"pseudo-label needs a trained classifier folder, '{folder}' has no meta.json: run `semivit semi` with "
             "the same output_dir first, or set checkpoint=FOLDER"
         )
-    out_dir = cfg.run_dir / "stage1"
+    out_dir = layout(cfg).stage1
     meta = read_classifier_meta(folder)
     bundle = build_data(cfg.data)
     check_same_classes(
@@ -60,12 +61,12 @@ def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
     index, conf, label, true = index[order], conf[order], label[order], true[order]
     is_labeled = torch.zeros(len(bundle.train), dtype=torch.bool)
     is_labeled[torch.as_tensor(labeled)] = True
-    csv_path = out_dir / "pseudo_labels.csv"
+    csv_path = layout(cfg).pseudo_labels_csv
     if accelerator.is_main_process:
         write_pseudo_labels(csv_path, bundle.train, index, label, conf, true, is_labeled)
         summary = summarize(label[~is_labeled[index]], conf[~is_labeled[index]], true[~is_labeled[index]], bundle.classes)
         summary.update(checkpoint=str(folder), num_labeled=int(is_labeled.sum()), use_ema=cfg.pseudo_label.use_ema)
-        atomic_write_json(out_dir / "pseudo_labels.json", summary)
+        atomic_write_json(layout(cfg).pseudo_labels_json, summary)
         logger.info(
             "pseudo-labels: %d unlabeled images, accuracy %s, mean confidence %.3f -> %s",
             summary["num_unlabeled"], summary.get("accuracy"), summary["mean_confidence"], csv_path,

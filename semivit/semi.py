@@ -22,6 +22,7 @@ from semivit.config import Config
 from semivit.data import ImageSource, TwoViewDataset, ViewDataset, build_data, build_transforms, make_split
 from semivit.evaluate import evaluate_models, make_test_loader
 from semivit.finetune import make_mixup
+from semivit.layout import layout
 from semivit.loop import Trainer
 from semivit.models import resolve_weights_file
 from semivit.ssl import (
@@ -39,7 +40,7 @@ logger = logging.getLogger("semivit")
 def resolve_semi_init(cfg: Config, init: str | None) -> Path:
     """``init`` argument, else the ``checkpoint`` setting, else this run's fine-tuned classifier;
     a classifier folder gives its EMA weights (student and teacher both start from them)."""
-    src = Path(init or cfg.checkpoint or cfg.run_dir / "stage1" / "finetune")
+    src = Path(init or cfg.checkpoint or layout(cfg).finetune)
     if not src.exists():
         raise FileNotFoundError(
             f"semi starts from a fine-tuned classifier, but '{src}' does not exist: run `semivit finetune` "
@@ -100,7 +101,7 @@ def run_semi(
     name: str = "semi",
 ) -> Path:
     sc = cfg.semi
-    stage_dir = Path(out_dir) if out_dir else cfg.run_dir / "stage1" / "semi"
+    stage_dir = Path(out_dir) if out_dir else layout(cfg).semi
     init_file = resolve_semi_init(cfg, init)
     trainer = Trainer(
         cfg,
