@@ -63,7 +63,7 @@ def accuracy_rows(args) -> list[dict]:
                      s0["seconds"] + m["seconds"]))
     elif "e" in args.which:  # needs stage 0 only
         e_cfg = cfg("data.label_percent=100", f"finetune.epochs={args.ceiling_epochs}", "finetune.batch_size=64")
-        m = stage(bench / "e_all_labels", lambda: run_finetune(e_cfg, out_dir=bench / "e_all_labels"))
+        m = stage(bench / "e_all_labels", lambda: run_finetune(e_cfg, out_dir=bench / "e_all_labels", use_run_split=False))
         rows.append(("e", f"supervised, all 4000 labels, MAE init ({args.ceiling_epochs} epochs)", m, s0["seconds"] + m["seconds"]))
     if not set(args.which) & set("bcd"):
         return _table(rows)

@@ -62,11 +62,12 @@ def phase_standin_labels(out: Path) -> None:
     import numpy as np
     from sklearn.semi_supervised import LabelSpreading
 
-    from semivit.data import build_data, make_split
+    from semivit.data import build_data
+    from semivit.split import run_split
 
     bundle = build_data(cfg.data)
     src = bundle.train
-    split = make_split(cfg.data, src, cfg.seed)
+    split = run_split(cfg, src, "stand-in labels")
     x = np.stack([np.asarray(src.load(i), dtype=np.float32).ravel() / 255.0 for i in range(len(src))])
     y = np.full(len(src), -1)
     y[split.labeled] = src.targets[split.labeled]
@@ -99,7 +100,7 @@ def phase_judge(out: Path, overrides: list[str]) -> None:
     judge.finetune.epochs = cfg.pipeline.judge_epochs
     judge.model.name = JUDGE_MODEL
     judge.data.randaug_num_ops, judge.data.random_erasing = 0, 0.0  # all labels: light augmentation suffices
-    run_finetune(judge, out_dir=RunLayout(out).judge)
+    run_finetune(judge, out_dir=RunLayout(out).judge, use_run_split=False)
 
 
 def phase_generator(out: Path, name: str, labels: str) -> None:

@@ -73,7 +73,7 @@ def _lazy(module: str, name: str) -> Callable[[Config], object]:
 def _run_judge(cfg):
     from semivit.finetune import run_finetune
 
-    return run_finetune(_judge_config(cfg), out_dir=layout(cfg).judge)
+    return run_finetune(_judge_config(cfg), out_dir=layout(cfg).judge, use_run_split=False)
 
 
 STAGES: list[Stage] = [

@@ -18,12 +18,13 @@ import torch
 
 from semivit.checks import check_same_classes, data_description
 from semivit.config import Config
-from semivit.data import ViewDataset, build_data, build_transforms, load_label_split, make_split
+from semivit.data import ViewDataset, build_data, build_transforms
 from semivit.engine import make_accelerator
 from semivit.evaluate import predict
 from semivit.io import atomic_path, atomic_write_json
-from semivit.layout import META, layout
+from semivit.layout import LABEL_SPLIT, META, layout
 from semivit.models import load_classifier, read_classifier_meta
+from semivit.split import run_split
 from semivit.stage import make_loader
 
 logger = logging.getLogger("semivit")
@@ -47,9 +48,9 @@ def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
     )
     accelerator = make_accelerator(cfg, out_dir)
     model, meta = load_classifier(folder, prefer_ema=cfg.pseudo_label.use_ema)
-    # the labeled subset the classifier was trained with, so its rows keep their given labels
-    split_file = folder / "label_split.csv"
-    labeled = load_label_split(split_file, bundle.train) if split_file.is_file() else make_split(cfg.data, bundle.train, cfg.seed).labeled
+    # the run's labeled subset, so its rows keep their given labels
+    labeled = run_split(cfg, bundle.train, "pseudo-label").labeled
+    _warn_other_split(folder, labeled)
     tf = build_transforms(cfg.data, bundle)["test"]
     ds = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf)
     loader = make_loader(ds, cfg.pseudo_label.batch_size, shuffle=False, cfg=cfg, drop_last=False)
@@ -73,6 +74,22 @@ def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
         )
     accelerator.wait_for_everyone()
     return csv_path
+
+
+def _warn_other_split(folder: Path, labeled: np.ndarray) -> None:
+    """``checkpoint=`` may name a classifier of another run: it still labels every image, and the
+    run's labeled images keep their given labels, but the mismatch is worth a line in the log."""
+    theirs = folder / LABEL_SPLIT
+    if not theirs.is_file():
+        return
+    with open(theirs, newline="") as f:
+        seen = {int(r["index"]) for r in csv.DictReader(f) if r.get("index", "").strip().isdigit()}
+    if seen != set(labeled.tolist()):
+        logger.warning(
+            "classifier '%s' was trained on another labeled split ('%s', %d images) than the run's (%d images); "
+            "the run's labeled images keep their given labels",
+            folder, theirs, len(seen), len(labeled),
+        )
 
 
 def write_pseudo_labels(path, source, index, label, conf, true, is_labeled) -> None:

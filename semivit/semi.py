@@ -19,12 +19,13 @@ from timm.loss import SoftTargetCrossEntropy
 from torchvision import transforms as T
 
 from semivit.config import Config
-from semivit.data import ImageSource, TwoViewDataset, ViewDataset, build_data, build_transforms, make_split
+from semivit.data import ImageSource, TwoViewDataset, ViewDataset, build_data, build_transforms
 from semivit.evaluate import evaluate_models, make_test_loader
 from semivit.finetune import make_mixup
 from semivit.layout import layout
 from semivit.loop import Trainer
 from semivit.models import resolve_weights_file
+from semivit.split import run_split
 from semivit.ssl import (
     DistributionAlignment,
     prob_pseudo_mixup,
@@ -117,7 +118,7 @@ def run_semi(
     bundle = build_data(cfg.data)
     K = bundle.num_classes
     tf = build_transforms(cfg.data, bundle)
-    split = make_split(cfg.data, bundle.train, cfg.seed)
+    split = run_split(cfg, bundle.train, name)  # the run's labeled split, as fine-tuning saw it
     lab_loaders = _labeled_loaders(trainer, cfg, bundle, tf, split.labeled, synthetic, synthetic_ratio)
     unl_ds = TwoViewDataset(bundle.train, split.unlabeled, tf["weak"], tf["strong"])
     unl_loader = trainer.loader(unl_ds, sc.mu * sc.batch_size, shuffle=True)
