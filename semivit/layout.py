@@ -8,8 +8,8 @@ as paths, ``RELATIVE`` as the relative names the pipeline's stage table and the 
 |---|---|---|---|
 | `run.lock` | every `semivit` / `dpt` command while it runs | the next command on the same folder | the holder's pid, host and command line; a second command on the folder stops with its name |
 | `pipeline.json` | `dpt run` | `dpt run` (what to skip), report (seconds per stage) | per stage: the settings fingerprint it finished with (`done`) or runs with (`running`), seconds, peak memory |
-| `label_split.csv` | the first stage that needs the labeled split (finetune, semi, retrain) | semi, pseudo-label, retrain (stage 3), every later stage | the run's labeled subset: `index,path,label` per labeled training image |
-| `label_split.json` | with `label_split.csv` | the stages that read the split | what drew it: seed, data.name/root, label settings (labels_per_class, label_percent, label_csv and its digest), the max_train*/max_test* caps, unlabeled_includes_labeled, the number of training images; another value redraws the split |
+| `label_split.csv` | the first stage that needs the labeled split (finetune in a pipeline run); drawn again by any of them when the settings in `label_split.json` changed | finetune, semi, pseudo-label, retrain (stage 3): every stage after the first | the run's labeled subset: `index,path,label` per labeled training image; the judge (every label) never touches it |
+| `label_split.json` | with `label_split.csv` | the stages that read the split | what drew it: seed, data.name/root, labels_per_class, label_percent, label_csv (and a digest of its rows), the max_train*/max_test* caps, unlabeled_includes_labeled; another value draws the split again. Also the number of training images (another number with the same settings: the data changed, an error), the number labeled and the stage that drew it |
 | `stage0/` | pretrain (stage 0, MAE) | finetune and the judge (`model.init=auto`), retrain (`retrain.init=stage0`) | `encoder.safetensors` (the MAE encoder), `reconstruction.png`, and the stage files below |
 | `stage1/finetune/` | finetune (stage 1a) | semi (its start), report | a classifier folder (below) |
 | `stage1/semi/` | semi (stage 1b) | pseudo-label, evaluate (default), retrain (`retrain.init=stage1`), report | a classifier folder (below) |
@@ -17,7 +17,7 @@ as paths, ``RELATIVE`` as the relative names the pipeline's stage table and the 
 | `stage1/pseudo_labels.json` | pseudo-label | report | count per class, mean confidence and accuracy of the pseudo-labels of the unlabeled images |
 | `judge/` | the pipeline's judge (finetune on every training label) | report (ceiling top-1, synthetic class accuracy, FID features) | a classifier folder (below) |
 | `stage2/` | train-diffusion (stage 2a) | report (curves) | `samples/step_N.png` (sample grids while training) and the stage files below |
-| `stage2/model/` | train-diffusion | generate (`generate.model` default) | the generator: diffusers `save_pretrained` folders plus `dpt_meta.json` |
+| `stage2/model/` | train-diffusion | generate (`generate.model` default) | the generator: the denoiser's and noise scheduler's diffusers `save_pretrained` files and `dpt_meta.json` (classes, image size, VAE ...) |
 | `synthetic/` | generate (stage 2b) | retrain (`retrain.synthetic` default), fid, report | `<class>/*.png`, `manifest.csv`, `grid.png`, `metrics.json`, `.generation.json` (the settings the images were made with); `fid.json` when `dpt fid` ran without `fid.out` |
 | `stage3/` | retrain (stage 3) | report | a classifier folder (below) |
 | `evaluate/<folder name>/` | `semivit evaluate` | people | `metrics.json` of the classifier folder it evaluated |
@@ -30,7 +30,7 @@ Every training stage folder (`stage0`, `stage1/finetune`, `stage1/semi`, `judge`
 `stage3`) holds `config.yaml` (the settings it ran with), `history.json` and `curves.png`, and
 `metrics.json`, written last: it marks the stage as finished. While a stage runs,
 `checkpoints/epoch_N/` holds its resumable state (removed when it finishes) and `logs/` its
-TensorBoard events. A classifier folder adds `meta.json` (classes, channels, image size, model),
+TensorBoard events (`tensorboard=true`). A classifier folder adds `meta.json` (classes, channels, image size, model),
 `model.safetensors`, `model_ema.safetensors` and `label_split.csv` (the labeled images it saw).
 """
 
