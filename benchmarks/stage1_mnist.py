@@ -28,15 +28,16 @@ import torch
 
 from semivit.config import load_config
 from semivit.io import read_json
+from semivit.layout import METRICS, RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage(path: Path, make) -> dict:
     """metrics.json of a finished stage folder, training it first when it is missing."""
-    if not (path / "metrics.json").is_file():
+    if not (path / METRICS).is_file():
         make()
-    return read_json(path / "metrics.json")
+    return read_json(path / METRICS)
 
 
 def accuracy_rows(args) -> list[dict]:
@@ -45,6 +46,7 @@ def accuracy_rows(args) -> list[dict]:
     from semivit.semi import run_semi
 
     run = Path(args.run)
+    paths = RunLayout(run)
     base = [f"output_dir={run}", f"seed={args.seed}", *args.overrides]
     cfg = lambda *o: load_config(ROOT / "configs" / "mnist5k.yaml", [*base, *o])  # noqa: E731
     bench = run / "bench_stage1"
@@ -54,22 +56,22 @@ def accuracy_rows(args) -> list[dict]:
         rows.append(("a", "supervised from scratch (100 labels)", m, m["seconds"]))
     if not set(args.which) & set("bcde"):
         return _table(rows)
-    s0 = stage(run / "stage0", lambda: run_pretrain(cfg()))
-    if "e" in args.which and (run / "judge" / "metrics.json").is_file():  # the pipeline's ceiling model
-        m = read_json(run / "judge" / "metrics.json")
+    s0 = stage(paths.stage0, lambda: run_pretrain(cfg()))
+    if "e" in args.which and (paths.judge / METRICS).is_file():  # the pipeline's ceiling model
+        m = read_json(paths.judge / METRICS)
         rows.append(("e", f"supervised, all 4000 labels, MAE init (pipeline judge, {m.get('epochs')} epochs)", m,
                      s0["seconds"] + m["seconds"]))
     elif "e" in args.which:  # needs stage 0 only
         e_cfg = cfg("data.label_percent=100", f"finetune.epochs={args.ceiling_epochs}", "finetune.batch_size=64")
-        m = stage(bench / "e_all_labels", lambda: run_finetune(e_cfg, out_dir=bench / "e_all_labels"))
+        m = stage(bench / "e_all_labels", lambda: run_finetune(e_cfg, out_dir=bench / "e_all_labels", use_run_split=False))
         rows.append(("e", f"supervised, all 4000 labels, MAE init ({args.ceiling_epochs} epochs)", m, s0["seconds"] + m["seconds"]))
     if not set(args.which) & set("bcd"):
         return _table(rows)
-    ft = stage(run / "stage1" / "finetune", lambda: run_finetune(cfg()))
+    ft = stage(paths.finetune, lambda: run_finetune(cfg()))
     if "b" in args.which:
         rows.append(("b", "MAE + supervised fine-tuning", ft, s0["seconds"] + ft["seconds"]))
     if "c" in args.which:
-        m = stage(run / "stage1" / "semi", lambda: run_semi(cfg()))
+        m = stage(paths.semi, lambda: run_semi(cfg()))
         rows.append(("c", "MAE + fine-tuning + Semi-ViT (EMA-Teacher)", m, s0["seconds"] + ft["seconds"] + m["seconds"]))
     if "d" in args.which:
         m = stage(bench / "d_fixmatch", lambda: run_semi(cfg("semi.teacher=student"), out_dir=bench / "d_fixmatch"))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from semivit.config import load_config
+from semivit.layout import MANIFEST, META, METRICS, RunLayout, layout
 
 CONFIG = "configs/mnist5k.yaml"
 JUDGE_MODEL = "vit_micro_patch4"  # small enough to train on all 4000 labels in minutes on a CPU
@@ -35,7 +36,7 @@ def cfg_for(out: Path, name: str, *extra: str):
 
 def phase_stage1(out: Path, overrides: list[str]) -> None:
     cfg = cfg_for(out, "pseudo", *overrides)
-    if (cfg.run_dir / "stage1" / "pseudo_labels.csv").is_file():
+    if layout(cfg).pseudo_labels_csv.is_file():
         return
     from semivit.finetune import run_finetune
     from semivit.pretrain import run_pretrain
@@ -55,17 +56,18 @@ def phase_standin_labels(out: Path) -> None:
     """Pseudo-labels from a quick stand-in labeler (sklearn LabelSpreading on pixels, same 10 labels per
     class as stage 1) for when the Semi-ViT stage-1 run is not available; the report names the source."""
     cfg = cfg_for(out, "pseudo")
-    path = cfg.run_dir / "stage1" / "pseudo_labels.csv"
+    path = layout(cfg).pseudo_labels_csv
     if path.is_file():
         return
     import numpy as np
     from sklearn.semi_supervised import LabelSpreading
 
-    from semivit.data import build_data, make_split
+    from semivit.data import build_data
+    from semivit.split import run_split
 
     bundle = build_data(cfg.data)
     src = bundle.train
-    split = make_split(cfg.data, src, cfg.seed)
+    split = run_split(cfg, src, "stand-in labels")
     x = np.stack([np.asarray(src.load(i), dtype=np.float32).ravel() / 255.0 for i in range(len(src))])
     y = np.full(len(src), -1)
     y[split.labeled] = src.targets[split.labeled]
@@ -81,14 +83,14 @@ def phase_standin_labels(out: Path) -> None:
     lines += [f"{i},{src.paths[i]},{label[i]},{conf[i]:.4f},{src.targets[i]}" for i in range(len(src))]
     path.write_text("\n".join(lines) + "\n")
     acc = float((label == src.targets).mean())
-    (cfg.run_dir / "stage1" / "pseudo_labels_source.json").write_text(
+    (layout(cfg).stage1 / "pseudo_labels_source.json").write_text(
         json.dumps({"labeler": "sklearn LabelSpreading(knn k=10, alpha 0.99) on PCA-50 pixels (stand-in for Semi-ViT)", "accuracy": acc})
     )
     print(f"stand-in pseudo-labels: accuracy {acc:.4f} on the 4000 training images")
 
 
 def phase_judge(out: Path, overrides: list[str]) -> None:
-    if (out / "judge" / "meta.json").is_file():
+    if (RunLayout(out).judge / META).is_file():
         return
     from semivit.finetune import run_finetune
 
@@ -98,7 +100,7 @@ def phase_judge(out: Path, overrides: list[str]) -> None:
     judge.finetune.epochs = cfg.pipeline.judge_epochs
     judge.model.name = JUDGE_MODEL
     judge.data.randaug_num_ops, judge.data.random_erasing = 0, 0.0  # all labels: light augmentation suffices
-    run_finetune(judge, out_dir=out / "judge")
+    run_finetune(judge, out_dir=RunLayout(out).judge, use_run_split=False)
 
 
 def phase_generator(out: Path, name: str, labels: str) -> None:
@@ -107,9 +109,9 @@ def phase_generator(out: Path, name: str, labels: str) -> None:
 
     cfg = cfg_for(out, name, f"diffusion.labels={labels}")
     t = time.time()
-    if not (cfg.run_dir / "stage2" / "model" / "config.json").is_file():
+    if not (layout(cfg).generator / "config.json").is_file():
         run_train_diffusion(cfg)
-    if not (cfg.run_dir / "synthetic" / "manifest.csv").is_file():
+    if not (layout(cfg).synthetic / MANIFEST).is_file():
         run_generate(cfg)
     (cfg.run_dir / "stage2_wall_seconds.txt").write_text(f"{time.time() - t:.0f}\n")
 
@@ -121,7 +123,7 @@ def phase_speed(out: Path, n: int = 100, steps: int = 25, w: float = 2.0) -> dic
 
     from dpt.diffusion import Codec, disable_internal_label_dropout, image_noise, load_generator, sample
 
-    trained, sched_cfg, meta = load_generator(out / "oracle" / "stage2" / "model")
+    trained, sched_cfg, meta = load_generator(RunLayout(out / "oracle").generator)
     conf = dict(trained.config)
     conf["num_embeds_ada_norm"] = 1000
     model = DiTTransformer2DModel.from_config(conf)
@@ -216,8 +218,9 @@ def phase_report(out: Path) -> dict:
 
     rows = {}
     for name in ("oracle", "pseudo"):
-        syn = out / name / "synthetic"
-        if not (syn / "manifest.csv").is_file():
+        run = RunLayout(out / name)
+        syn = run.synthetic
+        if not (syn / MANIFEST).is_file():
             continue
         cfg = cfg_for(
             out,
@@ -225,15 +228,15 @@ def phase_report(out: Path) -> dict:
             "fid.real=test",
             f"fid.fake={syn}",
             "fid.features=classifier",
-            f"fid.classifier={out / 'judge'}",
+            f"fid.classifier={RunLayout(out).judge}",
             "fid.per_class=true",
-            f"fid.out={out / name / 'fid.json'}",
+            f"fid.out={run.fid_json}",
         )
         fid = run_fid(cfg)
-        acc = synthetic_class_accuracy(out / "judge", syn)
+        acc = synthetic_class_accuracy(RunLayout(out).judge, syn)
         svc_acc, svc_test = svc_class_accuracy(syn)
-        s2 = json.loads((out / name / "stage2" / "metrics.json").read_text())
-        gen = json.loads((syn / "metrics.json").read_text())
+        s2 = json.loads((run.stage2 / METRICS).read_text())
+        gen = json.loads((syn / METRICS).read_text())
         wall = out / name / "stage2_wall_seconds.txt"  # train + generate when run in one go
         rows[name] = {
             "fid": fid["fid"],
@@ -251,7 +254,7 @@ def phase_report(out: Path) -> dict:
             "stage2_wall_seconds": float(wall.read_text()) if wall.is_file() else None,
         }
     speed = out / "speed.json"
-    judge = json.loads((out / "judge" / "metrics.json").read_text())
+    judge = json.loads((RunLayout(out).judge / METRICS).read_text())
     result = {
         "judge_test_top1": judge["top1"], "judge_test_top1_ema": judge["top1_ema"],
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -31,11 +31,12 @@ from dpt.pipeline import run_pipeline  # noqa: E402
 from dpt.retrain import run_retrain  # noqa: E402
 from semivit.config import load_config  # noqa: E402
 from semivit.io import atomic_write_json, read_json  # noqa: E402
+from semivit.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
 from semivit.semi import run_semi  # noqa: E402
 
 
 def top1(folder: Path) -> float:
-    m = read_json(folder / "metrics.json")
+    m = read_json(folder / METRICS)
     return m.get("top1_ema", m.get("top1"))
 
 
@@ -44,10 +45,10 @@ def bench_seed(args, seed: int) -> dict:
     cfg = load_config(args.config, [f"output_dir={run}", f"seed={seed}", *args.overrides])
     if args.reuse:
         source = Path(args.out) / f"{args.reuse}_seed{seed}"
-        if not (source / "stage0" / "encoder.safetensors").is_file():
-            sys.exit(f"--reuse {args.reuse}: '{source}/stage0/encoder.safetensors' not found; run that pipeline "
+        if not RunLayout(source).encoder.is_file():
+            sys.exit(f"--reuse {args.reuse}: '{RunLayout(source).encoder}' not found; run that pipeline "
                      f"for seed {seed} first, or leave out --reuse")
-        for folder in ("stage0", "judge"):
+        for folder in (RELATIVE.stage0, RELATIVE.judge):
             if (source / folder).is_dir() and not (run / folder).exists():
                 shutil.copytree(source / folder, run / folder, copy_function=os.link)
     t0 = time.time()
@@ -69,7 +70,7 @@ def bench_seed(args, seed: int) -> dict:
         gcfg.generate.num_per_class = need
         gcfg.generate.guidance_scale = w
         gcfg.generate.out = str(bench / f"synthetic_w{w:g}")
-        own = run / "synthetic"
+        own = RunLayout(run).synthetic
         if w == cfg.generate.guidance_scale and own.is_dir() and not Path(gcfg.generate.out).exists():
             # same model, seeds and settings: the run's own images are the first ones of this set
             shutil.copytree(own, gcfg.generate.out, copy_function=os.link)
@@ -81,12 +82,12 @@ def bench_seed(args, seed: int) -> dict:
             if key in row:  # the pipeline's own stage 3 (its K and guidance, a draw from the same generator)
                 continue
             out = bench / key
-            if (out / "metrics.json").is_file():
+            if (out / METRICS).is_file():
                 row[key] = top1(out)
                 continue
             rcfg = copy.deepcopy(gcfg)
             if k == 0:
-                run_semi(rcfg, out_dir=out, init=str(run / "stage1" / "semi"))
+                run_semi(rcfg, out_dir=out, init=str(RunLayout(run).semi))
             else:
                 rcfg.retrain.synthetic = gcfg.generate.out
                 rcfg.retrain.synthetic_per_class = k

@@ -11,6 +11,10 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from semivit.layout import RunLayout  # noqa: E402
+
 KEYS = [
     ("supervised_top1", "supervised (MAE + fine-tuning), top-1 %"),
     ("semivit_top1", "Semi-ViT (stage 1), top-1 %"),
@@ -23,8 +27,8 @@ KEYS = [
 
 
 def main(folders: list[str]) -> None:
-    runs = [(Path(f).name, json.loads((Path(f) / "summary.json").read_text())) for f in folders
-            if (Path(f) / "summary.json").is_file()]
+    runs = [(Path(f).name, json.loads(RunLayout(f).summary.read_text())) for f in folders
+            if RunLayout(f).summary.is_file()]
     if not runs:
         sys.exit("no summary.json in the folders given")
     print("| metric | " + " | ".join(name for name, _ in runs) + " | mean ± sd |")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from semivit.config import load_config
 from semivit.errors import run_cli
+from semivit.layout import MANIFEST, layout
 from semivit.runlock import lock_folder, run_lock
 
 
@@ -35,11 +36,9 @@ def _fid(cfg):
 
     result = run_fid(cfg)
     print(f"FID {result['fid']:.3f} ({result['fid_features']}; {result['num_real']} real, {result['num_fake']} fake)")
-    if cfg.fid.features == "classifier" and cfg.fid.classifier and (cfg.fid.fake or cfg.run_dir / "synthetic"):
-        fake = cfg.fid.fake or str(cfg.run_dir / "synthetic")
-        from pathlib import Path
-
-        if (Path(fake) / "manifest.csv").is_file():
+    if cfg.fid.features == "classifier" and cfg.fid.classifier:
+        fake = cfg.fid.fake or str(layout(cfg).synthetic)
+        if (Path(fake) / MANIFEST).is_file():
             acc = synthetic_class_accuracy(cfg.fid.classifier, fake)
             print(f"synthetic class accuracy {acc['synthetic_class_acc']:.2f} % ({acc['num_images']} images)")
     return result
@@ -158,7 +157,7 @@ def written_folder(command: str, cfg) -> Path | None:
 
         return lock_folder(out_dir_of(cfg), cfg.run_dir)
     if command == "fid":
-        fake = Path(cfg.fid.fake) if cfg.fid.fake else cfg.run_dir / "synthetic"
+        fake = Path(cfg.fid.fake) if cfg.fid.fake else layout(cfg).synthetic
         target = Path(cfg.fid.out).parent if cfg.fid.out else (fake if fake.is_dir() else Path.cwd())
         folder = lock_folder(target, cfg.run_dir)
         return folder if folder == cfg.run_dir.resolve() and folder.is_dir() else None

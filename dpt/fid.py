@@ -16,11 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from dpt.errors import DPTClassMismatchError, DPTError
-from dpt.generate import MANIFEST, load_synthetic_source, read_manifest
+from dpt.generate import load_synthetic_source, read_manifest
 from semivit.checks import check_known_classes
 from semivit.config import Config
 from semivit.data import IMAGE_EXTENSIONS, FileSource, ImageSource, build_data
 from semivit.io import atomic_write_json
+from semivit.layout import FID, MANIFEST, layout
 
 logger = logging.getLogger("dpt")
 
@@ -255,7 +256,7 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor, what: str = "", mi
 
 def run_fid(cfg: Config) -> dict:
     fcfg = cfg.fid
-    fake_spec = fcfg.fake or str(cfg.run_dir / "synthetic")
+    fake_spec = fcfg.fake or str(layout(cfg).synthetic)
     real_src, real_name = image_set(cfg, fcfg.real or "test", "real")
     fake_src, fake_name = image_set(cfg, fake_spec, "fake")
     # a smoke run proves the FID path on its few images; its number means nothing anyway
@@ -282,7 +283,7 @@ def run_fid(cfg: Config) -> dict:
     if fcfg.per_class:
         result["per_class"] = _per_class(real_src, fake_src, real, fake)
     out = (
-        Path(fcfg.out) if fcfg.out else (Path(fake_spec) / "fid.json" if Path(fake_spec).is_dir() else Path("fid.json"))
+        Path(fcfg.out) if fcfg.out else (Path(fake_spec) / FID if Path(fake_spec).is_dir() else Path(FID))
     )
     atomic_write_json(out, result)
     logger.info(

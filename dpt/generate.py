@@ -38,10 +38,10 @@ from semivit.checks import check_known_classes, check_same_classes, data_class_n
 from semivit.config import Config, DataConfig
 from semivit.data import FileSource
 from semivit.io import atomic_path, atomic_write_json
+from semivit.layout import GRID, MANIFEST, METRICS, layout
 
 logger = logging.getLogger("dpt")
 
-MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ["file", "label", "class_name", "seed", "guidance_scale", "sampler", "steps", "model"]
 SETTINGS_FILE = ".generation.json"  # the settings the images in a folder were made with
 FILE_RE = re.compile(r"^(\d+)_(\d+)\.png$")
@@ -99,11 +99,11 @@ def parse_classes(spec: str, classes: list[str]) -> list[int]:
 
 
 def out_dir_of(cfg: Config) -> Path:
-    return Path(cfg.generate.out) if cfg.generate.out else cfg.run_dir / "synthetic"
+    return Path(cfg.generate.out) if cfg.generate.out else layout(cfg).synthetic
 
 
 def model_dir_of(cfg: Config) -> Path:
-    return Path(cfg.generate.model) if cfg.generate.model else cfg.run_dir / "stage2" / "model"
+    return Path(cfg.generate.model) if cfg.generate.model else layout(cfg).generator
 
 
 def pending_work(out: Path, dirs: list[str], class_ids: list[int], per_class: int) -> list[tuple[int, int]]:
@@ -228,7 +228,7 @@ def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
         rows = write_manifest(out, classes, dirs, settings)
         write_grid(out, rows, classes, meta["channels"])
         atomic_write_json(
-            out / "metrics.json",
+            out / METRICS,
             {
                 "num_images": len(rows),
                 "generated_this_run": total_made,
@@ -300,7 +300,7 @@ def write_grid(out: Path, rows: list[dict], classes: list[str], channels: int, p
             t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
             size = size or t.shape
             tiles.append(t if t.shape == size else torch.zeros(size, dtype=torch.uint8))
-    save_grid(torch.stack(tiles), out / "grid.png", nrow=per_row)
+    save_grid(torch.stack(tiles), out / GRID, nrow=per_row)
 
 
 # --------------------------------------------------------------------------------------------

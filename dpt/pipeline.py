@@ -22,6 +22,7 @@ from pathlib import Path
 from semivit.config import Config, ConfigError, read_saved_config, to_dict
 from semivit.engine import distributed_state
 from semivit.io import atomic_write_json, read_json
+from semivit.layout import CONFIG, METRICS, RELATIVE, layout, previous_copy
 
 logger = logging.getLogger("dpt")
 
@@ -72,15 +73,15 @@ def _lazy(module: str, name: str) -> Callable[[Config], object]:
 def _run_judge(cfg):
     from semivit.finetune import run_finetune
 
-    return run_finetune(_judge_config(cfg), out_dir=cfg.run_dir / "judge")
+    return run_finetune(_judge_config(cfg), out_dir=layout(cfg).judge, use_run_split=False)
 
 
 STAGES: list[Stage] = [
     Stage(
         "pretrain",
         ("data", "model", "pretrain"),
-        "stage0/encoder.safetensors",
-        "stage0",
+        str(RELATIVE.encoder),
+        str(RELATIVE.stage0),
         (),
         _lazy("semivit.pretrain", "run_pretrain"),
         enabled=lambda cfg: cfg.model.init == "auto",  # a given init (a path, or none) needs no stage 0
@@ -89,23 +90,23 @@ STAGES: list[Stage] = [
     Stage(
         "finetune",
         ("data", "model", "finetune"),
-        "stage1/finetune/metrics.json",
-        "stage1/finetune",
+        str(RELATIVE.finetune / METRICS),
+        str(RELATIVE.finetune),
         ("pretrain",),
         _lazy("semivit.finetune", "run_finetune"),
     ),
     Stage(
         "semi",
         ("data", "model", "semi"),
-        "stage1/semi/metrics.json",
-        "stage1/semi",
+        str(RELATIVE.semi / METRICS),
+        str(RELATIVE.semi),
         ("finetune",),
         _lazy("semivit.semi", "run_semi"),
     ),
     Stage(
         "pseudo-label",
         ("data", "pseudo_label"),
-        "stage1/pseudo_labels.csv",
+        str(RELATIVE.pseudo_labels_csv),
         "",
         ("semi",),
         _lazy("semivit.pseudo_label", "run_pseudo_label"),
@@ -113,8 +114,8 @@ STAGES: list[Stage] = [
     Stage(
         "judge",
         ("data", "model", "finetune"),
-        "judge/metrics.json",
-        "judge",
+        str(RELATIVE.judge / METRICS),
+        str(RELATIVE.judge),
         ("pretrain",),
         _run_judge,
         _judge_config,
@@ -124,16 +125,16 @@ STAGES: list[Stage] = [
     Stage(
         "train-diffusion",
         ("data", "diffusion"),
-        "stage2/metrics.json",
-        "stage2",
+        str(RELATIVE.stage2 / METRICS),
+        str(RELATIVE.stage2),
         ("pseudo-label",),
         _lazy("dpt.train_diffusion", "run_train_diffusion"),
     ),
     Stage(
         "generate",
         ("data", "generate"),
-        "synthetic/metrics.json",
-        "synthetic",
+        str(RELATIVE.synthetic / METRICS),
+        str(RELATIVE.synthetic),
         ("train-diffusion",),
         _lazy("dpt.generate", "run_generate"),
         resumes_from_outputs=True,
@@ -141,12 +142,12 @@ STAGES: list[Stage] = [
     Stage(
         "retrain",
         ("data", "model", "semi", "retrain"),
-        "stage3/metrics.json",
-        "stage3",
+        str(RELATIVE.stage3 / METRICS),
+        str(RELATIVE.stage3),
         ("generate", "semi"),
         _lazy("dpt.retrain", "run_retrain"),
     ),
-    Stage("report", ("fid",), "summary.json", "", ("retrain", "judge", "generate"), _lazy("dpt.report", "run_report")),
+    Stage("report", ("fid",), str(RELATIVE.summary), "", ("retrain", "judge", "generate"), _lazy("dpt.report", "run_report")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -163,7 +164,7 @@ def fingerprint(cfg: Config, stage: Stage, configured: bool = False) -> str:
 
 
 def _state_file(cfg: Config) -> Path:
-    return cfg.run_dir / "pipeline.json"
+    return layout(cfg).pipeline_state
 
 
 def _load_state(cfg: Config) -> dict:
@@ -218,7 +219,7 @@ def _recorded_fingerprint(cfg: Config, stage: Stage, record: dict) -> str | None
         return record["done"]
     if "fingerprint" in record:  # pipeline.json of an earlier version: one fingerprint per stage
         return record["fingerprint"]
-    saved = cfg.run_dir / stage.folder / "config.yaml" if stage.folder else None
+    saved = cfg.run_dir / stage.folder / CONFIG if stage.folder else None
     if saved is not None and saved.is_file():
         return fingerprint(read_saved_config(saved), stage, configured=True)
     return None
@@ -228,7 +229,7 @@ def _by_name(name: str) -> Stage:
     return next(s for s in STAGES if s.name == name)
 
 
-STAGING = ".staging"  # generation with new settings, while the finished images stay in place
+STAGING = str(RELATIVE.staging)  # generation with new settings, while the finished images stay in place
 
 
 def _generation_target(cfg: Config, stage: Stage, record: dict, fp: str) -> Config:
@@ -236,7 +237,7 @@ def _generation_target(cfg: Config, stage: Stage, record: dict, fp: str) -> Conf
     complete: the new one is made in a staging folder and swapped in (``_swap_in``). Partial images
     of other settings (an interrupted run that was never finished) are not results: they go."""
     final = cfg.run_dir / stage.folder
-    staging = cfg.run_dir / STAGING / stage.folder
+    staging = layout(cfg).staging / stage.folder
     if cfg.generate.out:  # the user chose the folder; generate itself refuses mixed settings
         return cfg
     finished = (cfg.run_dir / stage.marker).is_file()
@@ -254,7 +255,7 @@ def _generation_target(cfg: Config, stage: Stage, record: dict, fp: str) -> Conf
 
 def _swap_in(staging: Path, final: Path) -> None:
     """Replace ``final`` by the complete ``staging`` folder: two renames, undone by ``_recover``."""
-    old = final.parent / f".old_{final.name}"
+    old = previous_copy(final)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -266,7 +267,8 @@ def _recover(cfg: Config) -> None:
     """A swap interrupted between its two renames left the previous results in ``.old_<folder>``."""
     for stage in STAGES:
         if stage.folder and "/" not in stage.folder:
-            final, old = cfg.run_dir / stage.folder, cfg.run_dir / f".old_{stage.folder}"
+            final = cfg.run_dir / stage.folder
+            old = previous_copy(final)
             if old.is_dir() and not final.exists():
                 old.rename(final)
 
@@ -356,14 +358,14 @@ def run_pipeline(cfg: Config, start: str | None = None) -> dict:
             state[stage.name] = {"done": fp, "seconds": round(time.time() - t0, 1), **_peak_memory()}
             atomic_write_json(_state_file(cfg), state)
         state_.wait_for_everyone()
-    summary_file = cfg.run_dir / "summary.json"
+    summary_file = layout(cfg).summary
     summary = read_json(summary_file) if summary_file.is_file() else {}
     if state_.is_main_process:
         from dpt.report import format_table
 
         print(format_table(summary))
         print(format_stage_table(cfg, {t.name for t, _ in todo}))
-        print(f"report: {cfg.run_dir / 'report.md'}")
+        print(f"report: {layout(cfg).report}")
     return summary
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from semivit.config import Config, ConfigError
 from semivit.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from semivit.layout import CURVES, GRID, META, METRICS, RELATIVE, layout
 
 logger = logging.getLogger("dpt")
 
 ROWS = [
-    ("supervised_top1", "Supervised (MAE + fine-tuning on the labeled subset)", "stage1/finetune"),
-    ("semivit_top1", "Semi-ViT (EMA-Teacher, stage 1)", "stage1/semi"),
-    ("dpt_top1", "DPT (Semi-ViT on real + synthetic, stage 3)", "stage3"),
-    ("ceiling_top1", "Ceiling (MAE + fine-tuning on all training labels)", "judge"),
+    ("supervised_top1", "Supervised (MAE + fine-tuning on the labeled subset)", RELATIVE.finetune),
+    ("semivit_top1", "Semi-ViT (EMA-Teacher, stage 1)", RELATIVE.semi),
+    ("dpt_top1", "DPT (Semi-ViT on real + synthetic, stage 3)", RELATIVE.stage3),
+    ("ceiling_top1", "Ceiling (MAE + fine-tuning on all training labels)", RELATIVE.judge),
 ]
 
 
@@ -30,8 +31,8 @@ def _top1(metrics: dict) -> float | None:
     return None
 
 
-def _metrics(run: Path, rel: str) -> dict:
-    path = run / rel / "metrics.json"
+def _metrics(run: Path, rel: Path) -> dict:
+    path = run / rel / METRICS
     return read_json(path) if path.is_file() else {}
 
 
@@ -84,26 +85,26 @@ def run_report(cfg: Config) -> dict:
     from dpt.pipeline import stage_resources, stage_seconds
     from semivit.engine import distributed_state
 
-    run = cfg.run_dir
-    synthetic = Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else run / "synthetic"
-    judge = run / "judge"
+    run, paths = cfg.run_dir, layout(cfg)
+    synthetic = Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else paths.synthetic
+    judge = paths.judge
     summary: dict = {}
     for key, _, rel in ROWS:
         summary[key] = _top1(_metrics(run, rel))
-    semi = _metrics(run, "stage1/semi")
+    semi = _metrics(run, RELATIVE.semi)
     summary["num_labeled"] = semi.get("num_labeled")
     summary["num_test"] = semi.get("num_test")
-    pl_file = run / "stage1" / "pseudo_labels.json"
+    pl_file = paths.pseudo_labels_json
     pl = read_json(pl_file) if pl_file.is_file() else {}
     summary["pseudo_label_acc"] = pl.get("accuracy", pl.get("pseudo_label_acc"))
 
     # the judge: fid.classifier if set, else this run's ceiling model (pipeline.judge)
-    classifier = cfg.fid.classifier or (str(judge) if (judge / "meta.json").is_file() else "")
+    classifier = cfg.fid.classifier or (str(judge) if (judge / META).is_file() else "")
     fid_cfg = copy.deepcopy(cfg)
     fid_cfg.fid.real = cfg.fid.real or "test"
     fid_cfg.fid.fake = cfg.fid.fake or str(synthetic)
     fid_cfg.fid.classifier = classifier
-    fid_cfg.fid.out = cfg.fid.out or str(run / "fid.json")
+    fid_cfg.fid.out = cfg.fid.out or str(paths.fid_json)
     if cfg.fid.features == "classifier" and not classifier:
         raise ConfigError(
             "fid.features=classifier needs a judge: set pipeline.judge=true, fid.classifier=DIR, "
@@ -123,10 +124,10 @@ def run_report(cfg: Config) -> dict:
         smoke=cfg.smoke,
     )
     if distributed_state().is_main_process:
-        atomic_write_json(run / "summary.json", summary)
-        _results_plot(summary, run / "results.png")
-        atomic_write_text(run / "report.md", render_report(cfg, summary))
-        logger.info("wrote %s and %s", run / "summary.json", run / "report.md")
+        atomic_write_json(paths.summary, summary)
+        _results_plot(summary, paths.results_plot)
+        atomic_write_text(paths.report, render_report(cfg, summary))
+        logger.info("wrote %s and %s", paths.summary, paths.report)
     distributed_state().wait_for_everyone()
     return summary
 
@@ -165,12 +166,12 @@ def render_report(cfg: Config, summary: dict) -> str:
     )
     images = []
     for rel, caption in [
-        ("results.png", "Top-1 of each classifier"),
-        ("synthetic/grid.png", "Synthetic images, one row per class"),
-        ("stage0/reconstruction.png", "MAE reconstructions (stage 0)"),
-        ("stage1/semi/curves.png", "Semi-ViT training curves (stage 1)"),
-        ("stage2/curves.png", "Diffusion training loss (stage 2)"),
-        ("stage3/curves.png", "DPT training curves (stage 3)"),
+        (RELATIVE.results_plot, "Top-1 of each classifier"),
+        (RELATIVE.synthetic / GRID, "Synthetic images, one row per class"),
+        (RELATIVE.reconstruction, "MAE reconstructions (stage 0)"),
+        (RELATIVE.semi / CURVES, "Semi-ViT training curves (stage 1)"),
+        (RELATIVE.stage2 / CURVES, "Diffusion training loss (stage 2)"),
+        (RELATIVE.stage3 / CURVES, "DPT training curves (stage 3)"),
     ]:
         if (run / rel).is_file():
             images.append(f"### {caption}\n\n![{caption}]({rel})\n")

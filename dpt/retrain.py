@@ -15,22 +15,23 @@ import numpy as np
 
 from semivit.config import Config, ConfigError
 from semivit.data import build_data
+from semivit.layout import MANIFEST, layout
 
 logger = logging.getLogger("dpt")
 
 
 def stage3_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "stage3"
+    return layout(cfg).stage3
 
 
 def resolve_init(cfg: Config) -> str:
     """``retrain.init``: stage1 (the Semi-ViT model of this run), stage0 (the MAE encoder) or a path."""
     init = cfg.retrain.init
     if init == "stage1":
-        path = cfg.run_dir / "stage1" / "semi"
+        path = layout(cfg).semi
         hint = "run stage 1 first (scripts/stage1_semivit.sh) or set retrain.init=stage0|PATH"
     elif init == "stage0":
-        path = cfg.run_dir / "stage0" / "encoder.safetensors"
+        path = layout(cfg).encoder
         hint = "run stage 0 first (python -m semivit pretrain) or set retrain.init=stage1|PATH"
     else:
         path, hint = Path(init), "set retrain.init=stage0|stage1|PATH to an existing folder or file"
@@ -50,7 +51,7 @@ def check_init_classes(init: str, classes: list[str], cfg: Config) -> None:
 
 
 def synthetic_dir(cfg: Config) -> Path:
-    return Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else cfg.run_dir / "synthetic"
+    return Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else layout(cfg).synthetic
 
 
 def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
@@ -59,7 +60,7 @@ def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
     from semivit.semi import run_semi
 
     folder = synthetic_dir(cfg)
-    if not (folder / "manifest.csv").is_file():
+    if not (folder / MANIFEST).is_file():
         raise ConfigError(
             f"retrain.synthetic='{folder}' holds no manifest.csv; run `python -m dpt generate` first "
             "or point retrain.synthetic at a generated data set"

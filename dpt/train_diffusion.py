@@ -36,6 +36,7 @@ from dpt.diffusion import (
 from dpt.errors import DPTError
 from semivit.config import Config
 from semivit.data import ImageSource, build_data
+from semivit.layout import SAMPLES, layout
 from semivit.loop import Trainer
 
 logger = logging.getLogger("dpt")
@@ -113,7 +114,7 @@ def load_training_labels(cfg: Config, source: ImageSource) -> TrainingLabels:
         idx, lab, conf = np.arange(len(source)), source.targets.copy(), None
         origin = "true"
     else:
-        path = cfg.run_dir / "stage1" / "pseudo_labels.csv" if setting in ("", "auto") else Path(setting)
+        path = layout(cfg).pseudo_labels_csv if setting in ("", "auto") else Path(setting)
         if setting in ("", "auto") and not path.is_file():
             raise DPTError(
                 f"diffusion.labels=auto reads '{path}', which does not exist: run the pseudo-label stage first, "
@@ -212,7 +213,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def stage_dir_of(cfg: Config) -> Path:
-    return cfg.run_dir / "stage2"
+    return layout(cfg).stage2
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
@@ -370,7 +371,7 @@ def run_train_diffusion(cfg: Config) -> Path:
     def write():
         final = build_denoiser(dcfg, k, m_channels, m_size)
         ema.copy_to(final.parameters())
-        save_generator(stage_dir / "model", final, noise_scheduler, meta)
+        save_generator(layout(cfg).generator, final, noise_scheduler, meta)
 
     metrics = {
         "final_loss": state.history[-1]["loss"] if state.history else None,
@@ -388,7 +389,7 @@ def run_train_diffusion(cfg: Config) -> Path:
         "num_params": sum(p.numel() for p in raw.parameters()),
     }
     trainer.finish(metrics, write, "train-diffusion")
-    logger.info("train-diffusion done in %.0f s: %s", seconds, stage_dir / "model")
+    logger.info("train-diffusion done in %.0f s: %s", seconds, layout(cfg).generator)
     return stage_dir
 
 
@@ -409,7 +410,7 @@ def _grid(accelerator, raw, ema, noise_scheduler, codec, meta, stage_dir: Path, 
             noise_scheduler,
             codec,
             meta,
-            stage_dir / "samples" / f"step_{step:07d}.png",
+            stage_dir / SAMPLES / f"step_{step:07d}.png",
             accelerator.device,
             per_class=1 if smoke else 8,
             steps=2 if smoke else 20,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from semivit.config import DataConfig
 from semivit.errors import ClassMismatchError
+from semivit.layout import META
 
 SHOWN = 5  # class names shown per list in a message
 
@@ -88,7 +89,7 @@ def check_classifier_classes(
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if (folder / "meta.json").is_file():
+    if (folder / META).is_file():
         check_same_classes(
             read_classifier_meta(folder)["classes"], f"{what} '{folder}'", classes, data_description(dcfg), fix, error
         )

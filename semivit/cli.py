@@ -15,6 +15,7 @@ from pathlib import Path
 
 from semivit.config import ConfigError, load_config
 from semivit.errors import run_cli
+from semivit.layout import layout
 from semivit.runlock import run_lock
 
 COMMANDS = {
@@ -54,7 +55,7 @@ def run(command: str, cfg):
     if command == "evaluate":
         from semivit.evaluate import run_evaluate
 
-        checkpoint = cfg.checkpoint or str(cfg.run_dir / "stage1" / "semi")
+        checkpoint = cfg.checkpoint or str(layout(cfg).semi)
         metrics = run_evaluate(cfg, checkpoint)
         print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("per_class")}, indent=2))
         return metrics

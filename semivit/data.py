@@ -575,13 +575,25 @@ def _warn_unused_label_settings(cfg: DataConfig) -> None:
 
 
 def make_split(cfg: DataConfig, source: ImageSource, seed: int) -> Split:
+    """The split the data settings ask for, drawn now (``data.label_csv``, else a per-class draw).
+    The stages of a run read theirs from the run's file instead (``semivit.split.run_split``)."""
+    return split_with(cfg, source, draw_labeled(cfg, source, seed))
+
+
+def draw_labeled(cfg: DataConfig, source: ImageSource, seed: int) -> np.ndarray:
+    """Indices of the labeled subset: those of ``data.label_csv``, else a draw that depends only on
+    the seed and the labels, so it is the same on every rank and in every stage."""
     _warn_unused_label_settings(cfg)
     if cfg.label_csv:
-        labeled = load_label_split(cfg.label_csv, source)
-    else:
-        labeled = draw_label_split(
-            source.targets, source.num_classes, seed, cfg.labels_per_class, cfg.label_percent, source.classes
-        )
+        return load_label_split(cfg.label_csv, source)
+    return draw_label_split(
+        source.targets, source.num_classes, seed, cfg.labels_per_class, cfg.label_percent, source.classes
+    )
+
+
+def split_with(cfg: DataConfig, source: ImageSource, labeled: np.ndarray) -> Split:
+    """The split around a given labeled subset: the unlabeled images are the others (or all of
+    them, ``data.unlabeled_includes_labeled``)."""
     unlabeled_classes = np.setdiff1d(np.arange(source.num_classes), source.targets[labeled])
     if len(unlabeled_classes):
         logger.warning(

@@ -17,10 +17,9 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from semivit.config import Config, save_config
 from semivit.io import atomic_path, atomic_write_json
+from semivit.layout import CHECKPOINTS, CONFIG, LOGS, METRICS
 
 logger = logging.getLogger("semivit")
-
-CHECKPOINTS = "checkpoints"
 
 
 def setup_logging(accelerator: Accelerator | None = None) -> None:
@@ -80,7 +79,7 @@ def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: 
         mixed_precision=amp,
         gradient_accumulation_steps=grad_accum,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(stage_dir), logging_dir=str(stage_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(stage_dir), logging_dir=str(stage_dir / LOGS)),
         cpu=cpu,
     )
     setup_logging(accelerator)
@@ -93,7 +92,7 @@ def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: 
 def prepare_stage_dir(cfg: Config, stage_dir: Path, accelerator: Accelerator, tracker_name: str) -> None:
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, stage_dir / "config.yaml")
+        save_config(cfg, stage_dir / CONFIG)
     accelerator.wait_for_everyone()
     if cfg.tensorboard and accelerator.log_with:
         accelerator.init_trackers(tracker_name)
@@ -218,4 +217,4 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
 
 
 def write_metrics(stage_dir: Path, metrics: dict) -> None:
-    atomic_write_json(stage_dir / "metrics.json", metrics)
+    atomic_write_json(stage_dir / METRICS, metrics)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from semivit.config import Config
 from semivit.data import ViewDataset, build_data, build_transforms, make_split
 from semivit.engine import make_accelerator, write_metrics
+from semivit.layout import EMA_WEIGHTS, LABEL_SPLIT, layout
 
 logger = logging.getLogger("semivit")
 
@@ -84,7 +85,7 @@ def run_evaluate(cfg: Config, checkpoint: str) -> dict:
     if not checkpoint:
         raise ValueError("evaluate needs checkpoint=FOLDER (a finetune/semi/retrain output folder)")
     folder = Path(checkpoint)
-    out_dir = cfg.run_dir / "evaluate" / folder.name
+    out_dir = layout(cfg).evaluation(folder.name)
     meta = read_classifier_meta(folder)  # a wrong folder fails before any data is read
     bundle = build_data(cfg.data)
     check_same_classes(
@@ -94,14 +95,14 @@ def run_evaluate(cfg: Config, checkpoint: str) -> dict:
     accelerator = make_accelerator(cfg, out_dir)
     student, meta = load_classifier(folder, prefer_ema=False)
     ema = None
-    if (folder / "model_ema.safetensors").is_file():
+    if (folder / EMA_WEIGHTS).is_file():
         ema, _ = load_classifier(folder, prefer_ema=True)
     loader = accelerator.prepare(make_test_loader(cfg, bundle))
     student = accelerator.prepare(student)
     if ema is not None:
         ema = ema.to(accelerator.device)
     metrics = evaluate_models(student, ema, loader, accelerator, bundle.num_classes)
-    num_labeled = _count_rows(folder / "label_split.csv")
+    num_labeled = _count_rows(folder / LABEL_SPLIT)
     if num_labeled is None:
         num_labeled = len(make_split(cfg.data, bundle.train, cfg.seed).labeled)
     metrics.update(

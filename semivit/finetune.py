@@ -18,7 +18,9 @@ from timm.loss import SoftTargetCrossEntropy
 from semivit.config import Config
 from semivit.data import ImageSource, ViewDataset, build_data, build_transforms, make_split
 from semivit.evaluate import evaluate_models, make_test_loader
+from semivit.layout import layout
 from semivit.loop import Trainer
+from semivit.split import run_split
 from semivit.stage import build_classifier, classifier_outputs, make_ema, make_optimizer, resolve_init
 
 logger = logging.getLogger("semivit")
@@ -30,15 +32,27 @@ def make_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int) 
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=num_classes)
 
 
+def _training_set(cfg: Config, bundle, labeled, use_run_split: bool, name: str) -> tuple[ImageSource, np.ndarray, int]:
+    """The labeled images to train on and how many unlabeled ones the split leaves."""
+    if labeled is not None:
+        return (*labeled, 0)
+    split = run_split(cfg, bundle.train, name) if use_run_split else make_split(cfg.data, bundle.train, cfg.seed)
+    return bundle.train, split.labeled, int(len(split.unlabeled))
+
+
 def run_finetune(
     cfg: Config,
     out_dir: Path | None = None,
     init: str | None = None,
     labeled: tuple[ImageSource, np.ndarray] | None = None,
     name: str = "finetune",
+    use_run_split: bool = True,
 ) -> Path:
+    """Fine-tune on the run's labeled split (``<run>/label_split.csv``), or on ``labeled`` (source,
+    indices) when given. ``use_run_split=False``: a classifier of other label settings than the
+    run's (the judge, on every label) draws its split in memory and leaves the run's file alone."""
     fc = cfg.finetune
-    stage_dir = Path(out_dir) if out_dir else cfg.run_dir / "stage1" / "finetune"
+    stage_dir = Path(out_dir) if out_dir else layout(cfg).finetune
     trainer = Trainer(
         cfg,
         name,
@@ -51,8 +65,7 @@ def run_finetune(
     )
     bundle = build_data(cfg.data)
     tf = build_transforms(cfg.data, bundle)
-    split = make_split(cfg.data, bundle.train, cfg.seed)
-    source, idx = labeled if labeled is not None else (bundle.train, split.labeled)
+    source, idx, num_unlabeled = _training_set(cfg, bundle, labeled, use_run_split, name)
     if source.num_classes != bundle.num_classes:
         raise ValueError(f"the labeled set has {source.num_classes} classes, data '{cfg.data.name}' has {bundle.num_classes}")
     train_ds = ViewDataset(source, idx, tf["train"])
@@ -107,7 +120,7 @@ def run_finetune(
         "top5": final["top5"],
         "top5_ema": final["top5_ema"],
         "num_labeled": int(len(idx)),
-        "num_unlabeled": int(len(split.unlabeled)) if labeled is None else 0,
+        "num_unlabeled": num_unlabeled,
         "num_test": final["num_test"],
         "per_class_acc_ema": final["per_class_acc_ema"],
         "init": resolve_init(cfg, init) or "random",

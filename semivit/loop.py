@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 from semivit.config import Config, save_config, to_dict
 from semivit.engine import (
-    CHECKPOINTS,
     TrainState,
     finish_trackers,
     latest_checkpoint,
@@ -41,6 +40,7 @@ from semivit.engine import (
     warmup_cosine,
 )
 from semivit.io import atomic_write_json, load_weights, save_weights
+from semivit.layout import CHECKPOINTS, CONFIG, CURVES, HISTORY, METRICS
 
 logger = logging.getLogger("semivit")
 
@@ -458,10 +458,10 @@ class Trainer:
         if acc.is_main_process:
             if write is not None:
                 write()
-            atomic_write_json(self.stage_dir / "history.json", self.state.history)
-            plot_curves(self.state.history, self.stage_dir / "curves.png", title or self.name)
-            save_config(self.cfg, self.stage_dir / "config.yaml")
-            atomic_write_json(self.stage_dir / "metrics.json", metrics)
+            atomic_write_json(self.stage_dir / HISTORY, self.state.history)
+            plot_curves(self.state.history, self.stage_dir / CURVES, title or self.name)
+            save_config(self.cfg, self.stage_dir / CONFIG)
+            atomic_write_json(self.stage_dir / METRICS, metrics)
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(self.stage_dir / CHECKPOINTS, ignore_errors=True)

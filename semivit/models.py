@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from semivit.config import Config, ModelConfig
 from semivit.errors import FileFormatError, WeightsError
 from semivit.io import load_weights, save_weights
+from semivit.layout import EMA_WEIGHTS, ENCODER_WEIGHTS, META, WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def resolve_weights_file(path: str | Path) -> Path:
     """A weights file, or a stage folder holding one of this project's weight files."""
     path = Path(path)
     if path.is_dir():
-        for name in ("model_ema.safetensors", "encoder.safetensors", "model.safetensors"):
+        for name in (EMA_WEIGHTS, ENCODER_WEIGHTS, WEIGHTS):
             if (path / name).is_file():
                 return path / name
         raise FileNotFoundError(
@@ -191,10 +192,10 @@ def save_classifier(folder: str | Path, model: torch.nn.Module, ema: torch.nn.Mo
     from semivit.io import atomic_write_json
 
     folder = Path(folder)
-    save_weights(model.state_dict(), folder / "model.safetensors")
+    save_weights(model.state_dict(), folder / WEIGHTS)
     if ema is not None:
-        save_weights(ema.state_dict(), folder / "model_ema.safetensors")
-    atomic_write_json(folder / "meta.json", meta)
+        save_weights(ema.state_dict(), folder / EMA_WEIGHTS)
+    atomic_write_json(folder / META, meta)
 
 
 def classifier_meta(cfg: Config, bundle) -> dict:
@@ -217,12 +218,12 @@ def read_classifier_meta(folder: str | Path) -> dict:
     from semivit.io import read_json
 
     folder = Path(folder)
-    if not (folder / "meta.json").is_file():
+    if not (folder / META).is_file():
         raise FileNotFoundError(
             f"'{folder}' is not a classifier folder of this project (meta.json missing); "
             "pass the output folder of finetune, semi or retrain"
         )
-    meta = read_json(folder / "meta.json")
+    meta = read_json(folder / META)
     missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
     if missing or not isinstance(meta.get("classes"), list):
         raise FileFormatError(
@@ -239,7 +240,7 @@ def load_classifier(folder: str | Path, prefer_ema: bool = True, device="cpu") -
     meta = read_classifier_meta(folder)
     mcfg = ModelConfig(name=meta["model"], drop_path=0.0, global_pool=meta.get("global_pool", "avg"), init="none")
     model = create_classifier(mcfg, len(meta["classes"]), meta["image_size"], meta["channels"])
-    names = ["model_ema.safetensors", "model.safetensors"] if prefer_ema else ["model.safetensors"]
+    names = [EMA_WEIGHTS, WEIGHTS] if prefer_ema else [WEIGHTS]
     file = next((folder / n for n in names if (folder / n).is_file()), None)
     if file is None:
         raise FileNotFoundError(f"'{folder}' holds no model weights ({' or '.join(names)})")

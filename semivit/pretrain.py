@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2
 from semivit.config import Config
 from semivit.data import ViewDataset, build_data, build_transforms
 from semivit.io import atomic_path, save_weights
+from semivit.layout import layout
 from semivit.loop import Trainer
 from semivit.mae import create_mae
 
@@ -54,7 +55,7 @@ def save_reconstructions(mae, images: torch.Tensor, mean, std, path: Path, seed:
 
 def run_pretrain(cfg: Config) -> Path:
     pc = cfg.pretrain
-    stage_dir = cfg.run_dir / "stage0"
+    stage_dir = layout(cfg).stage0
     trainer = Trainer(
         cfg,
         "mae",
@@ -88,11 +89,11 @@ def run_pretrain(cfg: Config) -> Path:
 
     def write():
         model = trainer.accelerator.unwrap_model(mae)
-        save_weights(model.encoder.state_dict(), stage_dir / "encoder.safetensors", {"model": cfg.model.name})
+        save_weights(model.encoder.state_dict(), layout(cfg).encoder, {"model": cfg.model.name})
         # spread over the data set (class-sorted sources would otherwise show one class)
         show = np.linspace(0, len(dataset) - 1, min(8, len(dataset))).astype(int)
         sample = torch.stack([dataset[int(i)][0] for i in show]).to(trainer.device)
-        save_reconstructions(model, sample, bundle.mean, bundle.std, stage_dir / "reconstruction.png", cfg.seed)
+        save_reconstructions(model, sample, bundle.mean, bundle.std, layout(cfg).reconstruction, cfg.seed)
 
     history = trainer.state.history
     metrics = {

@@ -18,11 +18,13 @@ import torch
 
 from semivit.checks import check_same_classes, data_description
 from semivit.config import Config
-from semivit.data import ViewDataset, build_data, build_transforms, load_label_split, make_split
+from semivit.data import ViewDataset, build_data, build_transforms
 from semivit.engine import make_accelerator
 from semivit.evaluate import predict
 from semivit.io import atomic_path, atomic_write_json
+from semivit.layout import LABEL_SPLIT, META, layout
 from semivit.models import load_classifier, read_classifier_meta
+from semivit.split import run_split
 from semivit.stage import make_loader
 
 logger = logging.getLogger("semivit")
@@ -31,13 +33,13 @@ COLUMNS = ["index", "path", "label", "confidence", "true_label"]
 
 
 def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
-    folder = Path(checkpoint or cfg.checkpoint or cfg.run_dir / "stage1" / "semi")
-    if not (folder / "meta.json").is_file():
+    folder = Path(checkpoint or cfg.checkpoint or layout(cfg).semi)
+    if not (folder / META).is_file():
         raise FileNotFoundError(
             f"pseudo-label needs a trained classifier folder, '{folder}' has no meta.json: run `semivit semi` with "
             "the same output_dir first, or set checkpoint=FOLDER"
         )
-    out_dir = cfg.run_dir / "stage1"
+    out_dir = layout(cfg).stage1
     meta = read_classifier_meta(folder)
     bundle = build_data(cfg.data)
     check_same_classes(
@@ -46,9 +48,9 @@ def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
     )
     accelerator = make_accelerator(cfg, out_dir)
     model, meta = load_classifier(folder, prefer_ema=cfg.pseudo_label.use_ema)
-    # the labeled subset the classifier was trained with, so its rows keep their given labels
-    split_file = folder / "label_split.csv"
-    labeled = load_label_split(split_file, bundle.train) if split_file.is_file() else make_split(cfg.data, bundle.train, cfg.seed).labeled
+    # the run's labeled subset, so its rows keep their given labels
+    labeled = run_split(cfg, bundle.train, "pseudo-label").labeled
+    _warn_other_split(folder, labeled)
     tf = build_transforms(cfg.data, bundle)["test"]
     ds = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf)
     loader = make_loader(ds, cfg.pseudo_label.batch_size, shuffle=False, cfg=cfg, drop_last=False)
@@ -60,18 +62,34 @@ def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
     index, conf, label, true = index[order], conf[order], label[order], true[order]
     is_labeled = torch.zeros(len(bundle.train), dtype=torch.bool)
     is_labeled[torch.as_tensor(labeled)] = True
-    csv_path = out_dir / "pseudo_labels.csv"
+    csv_path = layout(cfg).pseudo_labels_csv
     if accelerator.is_main_process:
         write_pseudo_labels(csv_path, bundle.train, index, label, conf, true, is_labeled)
         summary = summarize(label[~is_labeled[index]], conf[~is_labeled[index]], true[~is_labeled[index]], bundle.classes)
         summary.update(checkpoint=str(folder), num_labeled=int(is_labeled.sum()), use_ema=cfg.pseudo_label.use_ema)
-        atomic_write_json(out_dir / "pseudo_labels.json", summary)
+        atomic_write_json(layout(cfg).pseudo_labels_json, summary)
         logger.info(
             "pseudo-labels: %d unlabeled images, accuracy %s, mean confidence %.3f -> %s",
             summary["num_unlabeled"], summary.get("accuracy"), summary["mean_confidence"], csv_path,
         )
     accelerator.wait_for_everyone()
     return csv_path
+
+
+def _warn_other_split(folder: Path, labeled: np.ndarray) -> None:
+    """``checkpoint=`` may name a classifier of another run: it still labels every image, and the
+    run's labeled images keep their given labels, but the mismatch is worth a line in the log."""
+    theirs = folder / LABEL_SPLIT
+    if not theirs.is_file():
+        return
+    with open(theirs, newline="") as f:
+        seen = {int(r["index"]) for r in csv.DictReader(f) if r.get("index", "").strip().isdigit()}
+    if seen != set(labeled.tolist()):
+        logger.warning(
+            "classifier '%s' was trained on another labeled split ('%s', %d images) than the run's (%d images); "
+            "the run's labeled images keep their given labels",
+            folder, theirs, len(seen), len(labeled),
+        )
 
 
 def write_pseudo_labels(path, source, index, label, conf, true, is_labeled) -> None:

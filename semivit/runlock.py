@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from semivit.errors import OutputDirError, RunLockedError
+from semivit.layout import LOCK
 
-LOCK_NAME = "run.lock"
+LOCK_NAME = LOCK
 _UNREADABLE_GRACE_S = 5.0  # a lock file this young may still be being written by its creator
 _ATTEMPTS = 20
 _HELD: dict[str, RunLock] = {}  # folder -> the lock this process holds there (nested commands share it)

@@ -19,11 +19,13 @@ from timm.loss import SoftTargetCrossEntropy
 from torchvision import transforms as T
 
 from semivit.config import Config
-from semivit.data import ImageSource, TwoViewDataset, ViewDataset, build_data, build_transforms, make_split
+from semivit.data import ImageSource, TwoViewDataset, ViewDataset, build_data, build_transforms
 from semivit.evaluate import evaluate_models, make_test_loader
 from semivit.finetune import make_mixup
+from semivit.layout import layout
 from semivit.loop import Trainer
 from semivit.models import resolve_weights_file
+from semivit.split import run_split
 from semivit.ssl import (
     DistributionAlignment,
     prob_pseudo_mixup,
@@ -39,7 +41,7 @@ logger = logging.getLogger("semivit")
 def resolve_semi_init(cfg: Config, init: str | None) -> Path:
     """``init`` argument, else the ``checkpoint`` setting, else this run's fine-tuned classifier;
     a classifier folder gives its EMA weights (student and teacher both start from them)."""
-    src = Path(init or cfg.checkpoint or cfg.run_dir / "stage1" / "finetune")
+    src = Path(init or cfg.checkpoint or layout(cfg).finetune)
     if not src.exists():
         raise FileNotFoundError(
             f"semi starts from a fine-tuned classifier, but '{src}' does not exist: run `semivit finetune` "
@@ -100,7 +102,7 @@ def run_semi(
     name: str = "semi",
 ) -> Path:
     sc = cfg.semi
-    stage_dir = Path(out_dir) if out_dir else cfg.run_dir / "stage1" / "semi"
+    stage_dir = Path(out_dir) if out_dir else layout(cfg).semi
     init_file = resolve_semi_init(cfg, init)
     trainer = Trainer(
         cfg,
@@ -116,7 +118,7 @@ def run_semi(
     bundle = build_data(cfg.data)
     K = bundle.num_classes
     tf = build_transforms(cfg.data, bundle)
-    split = make_split(cfg.data, bundle.train, cfg.seed)
+    split = run_split(cfg, bundle.train, name)  # the run's labeled split, as fine-tuning saw it
     lab_loaders = _labeled_loaders(trainer, cfg, bundle, tf, split.labeled, synthetic, synthetic_ratio)
     unl_ds = TwoViewDataset(bundle.train, split.unlabeled, tf["weak"], tf["strong"])
     unl_loader = trainer.loader(unl_ds, sc.mu * sc.batch_size, shuffle=True)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from semivit.checks import check_classifier_classes
 from semivit.config import Config
 from semivit.data import save_label_split
+from semivit.layout import LABEL_SPLIT, layout
 from semivit.loop import StopRequested, seed_worker  # noqa: F401  (StopRequested: the CLIs catch it here)
 from semivit.models import classifier_meta, create_classifier, load_encoder_weights, save_classifier
 
@@ -27,7 +28,7 @@ def resolve_init(cfg: Config, init: str | None) -> str | None:
     if init in ("", "none"):
         return None
     if init == "auto":
-        enc = cfg.run_dir / "stage0" / "encoder.safetensors"
+        enc = layout(cfg).encoder
         return str(enc) if enc.is_file() else None
     if not Path(init).exists():
         raise FileNotFoundError(f"model.init='{init}' not found; use auto, none or the path of a weights file/folder")
@@ -105,7 +106,7 @@ def classifier_outputs(cfg: Config, trainer, model, ema, bundle, label_source, l
     def write() -> None:
         student = trainer.accelerator.unwrap_model(model)
         save_classifier(trainer.stage_dir, student, ema.module if ema is not None else None, classifier_meta(cfg, bundle))
-        save_label_split(trainer.stage_dir / "label_split.csv", labeled_idx, label_source)
+        save_label_split(trainer.stage_dir / LABEL_SPLIT, labeled_idx, label_source)
 
     return write
 

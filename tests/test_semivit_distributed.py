@@ -45,6 +45,9 @@ def test_two_cpu_ranks(tmp_path):
     r = json.loads((two / "two_rank.json").read_text())
     assert r["world"] == 2
     assert r["same_split"] and r["different_batches"] and r["same_params"]
+    # one process (finetune) and two (the check, then semi) read the same run split
+    assert (two / "label_split.csv").read_text() == (one / "label_split.csv").read_text()
+    assert json.loads((two / "label_split.json").read_text())["drawn_by"] == "check"  # semi reused it
     assert all(r["different_draws"].values()), r["different_draws"]  # one random stream per rank
     assert r["same_generation_noise"]
     assert r["eval"]["num_test"] == 101 == ref["num_test"]

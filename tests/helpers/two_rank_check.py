@@ -1,7 +1,7 @@
 """Run under ``accelerate launch --num_processes 2``: checks the distributed path of stage 1b.
 
-Writes ``<out>/two_rank.json`` (rank 0) with what the test asserts: both ranks drew the same
-split, saw different data, and hold identical parameters after optimizer steps; the evaluation of a
+Writes ``<out>/two_rank.json`` (rank 0) with what the test asserts: both ranks read the same
+split from the run's file, saw different data, and hold identical parameters after optimizer steps; the evaluation of a
 classifier folder; and the result of the real ``semi`` command on two ranks.
 """
 
@@ -13,10 +13,11 @@ import torch
 
 from semivit.cli import main as cli_main
 from semivit.config import load_config
-from semivit.data import TwoViewDataset, ViewDataset, build_data, build_transforms, make_split
+from semivit.data import TwoViewDataset, ViewDataset, build_data, build_transforms
 from semivit.engine import make_accelerator
 from semivit.evaluate import run_evaluate
 from semivit.semi import train_step
+from semivit.split import run_split
 from semivit.stage import build_classifier, make_ema, make_loader, make_optimizer
 
 
@@ -25,7 +26,7 @@ def main():
     cfg = load_config(None, [f"output_dir={out}", *overrides])
     acc = make_accelerator(cfg, out / "check")
     bundle = build_data(cfg.data)
-    split = make_split(cfg.data, bundle.train, cfg.seed)
+    split = run_split(cfg, bundle.train, "check")  # rank 0 writes <out>/label_split.csv, both read it
     splits = acc.gather(torch.as_tensor(split.labeled).unsqueeze(0))
 
     # a few real semi steps with the prepared (DDP) model
