@@ -299,7 +299,7 @@ def run_train_diffusion(cfg: Config) -> Path:
         from dpt.latents import load_or_build_latents
 
         latents = load_or_build_latents(
-            cfg.run_dir / "cache" / "latents", bundle.train, labels.indices, codec.vae, image_size, bundle.channels,
+            layout(cfg).latents, bundle.train, labels.indices, codec.vae, image_size, bundle.channels,
             dcfg.hflip, dcfg.batch_size, trainer.accelerator, cfg.data.num_workers,
         ).to(device)
         dataset = RowDataset(labels)
