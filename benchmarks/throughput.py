@@ -169,7 +169,7 @@ def uses_sdpa_vit(model) -> bool:
     return all(getattr(block.attn, "fused_attn", False) for block in model.blocks)
 
 
-def _classifier_parts(s: Settings, num_classes: int):
+def _classifier_parts(s: Settings, num_classes: int, ema_warmup: bool):
     """Model, EMA, layer-decay AdamW and schedule exactly as the classifier stages build them."""
     from semivit.engine import TrainState, warmup_cosine
     from semivit.models import create_classifier
@@ -177,7 +177,7 @@ def _classifier_parts(s: Settings, num_classes: int):
 
     mcfg, size = vit_config(s.small)
     model = create_classifier(mcfg, num_classes, size, 3)
-    ema = make_ema(model, 0.999, warmup=True)
+    ema = make_ema(model, 0.999, warmup=ema_warmup)
     opt = make_optimizer(model, 5e-4, 0.05, 0.75)
     sched = warmup_cosine(opt, 10, 10_000, 0.01)
     model, opt, sched = s.accelerator.prepare(model, opt, sched)
@@ -192,7 +192,7 @@ def vit_finetune(s: Settings) -> Workload:
 
     acc = s.accelerator
     k = 10 if s.small else 1000
-    model, ema, opt, sched, state, size = _classifier_parts(s, k)
+    model, ema, opt, sched, state, size = _classifier_parts(s, k, ema_warmup=True)  # as finetune
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     b = s.batch["a"]
     x = torch.randn(b, 3, size, size, device=s.device)
@@ -224,7 +224,7 @@ def semivit_step(s: Settings) -> Workload:
     if n_l < 1:
         raise SystemExit(f"the Semi-ViT row needs a batch of at least {1 + MU} (1 labeled + {MU} unlabeled)")
     sc = SemiConfig(batch_size=n_l, mu=MU, pseudo_mixup=True, tau=0.7, label_smoothing=0.1)
-    model, ema, opt, sched, state, size = _classifier_parts(s, k)
+    model, ema, opt, sched, state, size = _classifier_parts(s, k, ema_warmup=False)  # as semi
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=sc.label_smoothing)
     x_l = torch.randn(n_l, 3, size, size, device=s.device)
     y_l = torch.randint(0, k, (n_l,), device=s.device)
@@ -619,6 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = []
     builders = {"a": vit_finetune, "b": semivit_step, "c": mae_pretrain, "d": dit_train}
+    done = 0
     for row in rows:
         if row in builders:
             results.append(measure(builders[row](s), s, steps, warmup, args.compile, peak))
@@ -633,6 +634,9 @@ def main(argv: list[str] | None = None) -> dict:
         elif row == "f":
             results += mixup_rows(device, args.mixup_repeats)
         free(device)
+        for r in results[done:]:
+            print(f"row {r['row']} {r['name']}: {r['images_per_s']:.2f} images/s, {r['step_ms']:.1f} ms/step", flush=True)
+        done = len(results)
 
     compare_semi_to_finetune(results)
     result = {

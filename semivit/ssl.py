@@ -96,33 +96,38 @@ def unlabeled_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def _cutmix_box_corners(lam: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None):
-    """Corners ``(y1, y2, x1, x2)`` of one CutMix box per sample (side ratio sqrt(1 - lam_i), centre
-    drawn uniformly: all ``cy`` then all ``cx``) and lam recomputed from each clipped box area."""
+    """One CutMix box per sample (side ratio sqrt(1 - lam_i), centre drawn uniformly: all ``cy``
+    then all ``cx``) as ``(lo, hi)``, each (2, N): row 0 the rows [y1, y2), row 1 the columns
+    [x1, x2), clipped to the image; and lam recomputed from each clipped box area. Both axes go
+    through the same few operations at once (small tensors: the cost is per operation)."""
     n, device = lam.shape[0], lam.device
     ratio = torch.sqrt((1.0 - lam).clamp(0.0, 1.0))
-    cut_h = (height * ratio).long()
-    cut_w = (width * ratio).long()
-    cy = torch.randint(0, height, (n,), generator=generator, device=device)
-    cx = torch.randint(0, width, (n,), generator=generator, device=device)
-    y1, y2 = (cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height)
-    x1, x2 = (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)
+    sides = torch.tensor([[height], [width]], device=device)
+    half = (sides * ratio).long() // 2
+    centre = torch.stack(
+        [
+            torch.randint(0, height, (n,), generator=generator, device=device),
+            torch.randint(0, width, (n,), generator=generator, device=device),
+        ]
+    )
+    lo = (centre - half).clamp_(min=0)  # the centre is inside, so lo < side and hi >= 0 already
+    hi = torch.minimum(centre + half, sides)
     pixels = height * width
     # (pixels - area) / pixels is one rounding of an exact integer ratio: the same float a
     # per-sample loop gets from 1 - area / pixels in Python doubles
-    kept = (pixels - (y2 - y1) * (x2 - x1)).float() / pixels
-    return (y1, y2, x1, x2), kept
+    kept = (pixels - (hi - lo).prod(dim=0)).float() / pixels
+    return (lo, hi), kept
 
 
 def _box_bands(corners, height: int, width: int, rows_on: torch.Tensor | None = None):
     """The separable box masks: a row band (N, H, 1) and a column band (N, 1, W), boolean.
     ``rows_on`` (N,) switches a sample's row band off (no box at all)."""
-    y1, y2, x1, x2 = (c.view(-1, 1, 1) for c in corners)
-    rows = torch.arange(height, device=y1.device).view(1, -1, 1)
-    cols = torch.arange(width, device=y1.device).view(1, 1, -1)
-    in_rows = (rows >= y1) & (rows < y2)
+    lo, hi = corners
+    pos = torch.arange(max(height, width), device=lo.device)
+    inside = (pos >= lo.unsqueeze(-1)) & (pos < hi.unsqueeze(-1))  # (2, N, max side)
     if rows_on is not None:
-        in_rows &= rows_on.view(-1, 1, 1)
-    return in_rows, (cols >= x1) & (cols < x2)
+        inside[0] &= rows_on.view(-1, 1)
+    return inside[0, :, :height, None], inside[1, :, None, :width]
 
 
 def cutmix_boxes(lam: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None):
@@ -147,7 +152,7 @@ def _mix_row_by_row(images, perm, lam, use_cut, corners) -> torch.Tensor:
     """Write each output row once: CutMix rows copy their own image and then the partner's box,
     Mixup rows are ``x_i * lam_i + x_j * (1 - lam_i)`` through one reusable row buffer."""
     out = torch.empty_like(images)
-    y1, y2, x1, x2 = (c.tolist() for c in corners)
+    (y1, x1), (y2, x2) = (c.tolist() for c in corners)
     partner, cut, weight = perm.tolist(), use_cut.tolist(), lam.tolist()
     sources, targets = images.unbind(0), out.unbind(0)
     scratch = None
