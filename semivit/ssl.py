@@ -102,7 +102,8 @@ def _cutmix_box_corners(lam: torch.Tensor, height: int, width: int, generator: t
     through the same few operations at once (small tensors: the cost is per operation)."""
     n, device = lam.shape[0], lam.device
     ratio = torch.sqrt((1.0 - lam).clamp(0.0, 1.0))
-    sides = torch.tensor([[height], [width]], device=device)
+    sides = torch.full((2, 1), height, device=device)  # filled on the device: no host copy, no sync
+    sides[1] = width
     half = (sides * ratio).long() // 2
     centre = torch.stack(
         [
@@ -149,8 +150,9 @@ _ROW_BY_ROW_MIN_VALUES = 16384
 
 
 def _mix_row_by_row(images, perm, lam, use_cut, corners) -> torch.Tensor:
-    """Write each output row once: CutMix rows copy their own image and then the partner's box,
-    Mixup rows are ``x_i * lam_i + x_j * (1 - lam_i)`` through one reusable row buffer."""
+    """Each output row from slices of the batch: a CutMix row is its own image with the partner's
+    box copied over it, a Mixup row ``x_i * lam_i + x_j * (1 - lam_i)`` through one reusable row
+    buffer. Nothing of full-batch size is allocated but the output."""
     out = torch.empty_like(images)
     (y1, x1), (y2, x2) = (c.tolist() for c in corners)
     partner, cut, weight = perm.tolist(), use_cut.tolist(), lam.tolist()
@@ -216,7 +218,7 @@ def prob_pseudo_mixup(
     ``cutmix_prob`` (lam_i then recomputed from the clipped box area) and Mixup-ed otherwise.
     Target: lam_i * smooth(y_i) + (1 - lam_i) * smooth(y_pi(i)); mask: max(p_i, p_pi(i)) >= tau.
     """
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     device = images.device
     if perm is None:
         perm = torch.randperm(n, generator=generator, device=device)
@@ -227,7 +229,7 @@ def prob_pseudo_mixup(
     corners, box_lam = _cutmix_box_corners(lam, h, w, generator)
     lam = torch.where(use_cut, box_lam, lam)
 
-    if device.type == "cpu" and images[0].numel() >= _ROW_BY_ROW_MIN_VALUES:
+    if device.type == "cpu" and c * h * w >= _ROW_BY_ROW_MIN_VALUES:
         out = _mix_row_by_row(images, perm, lam, use_cut, corners)
     else:
         out = _mix_batched(images, perm, lam, use_cut, corners)
