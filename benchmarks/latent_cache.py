@@ -185,7 +185,6 @@ def sd_vae_vs_dit(args) -> dict:
     x = x.contiguous(memory_format=torch.channels_last)
     encode()
     vae_cl_s = best_seconds(encode, args.repeats) / args.vae_batch
-    del vae
 
     dcfg = DiffusionConfig(model="dit", patch_size=2, hidden_size=768, depth=12, num_heads=12)
     model = build_denoiser(dcfg, 1000, 4, 32)

@@ -25,6 +25,7 @@ import json
 import math
 import platform
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -169,7 +170,7 @@ def uses_sdpa_vit(model) -> bool:
     return all(getattr(block.attn, "fused_attn", False) for block in model.blocks)
 
 
-def _classifier_parts(s: Settings, num_classes: int):
+def _classifier_parts(s: Settings, num_classes: int, ema_warmup: bool):
     """Model, EMA, layer-decay AdamW and schedule exactly as the classifier stages build them."""
     from semivit.engine import TrainState, warmup_cosine
     from semivit.models import create_classifier
@@ -177,7 +178,7 @@ def _classifier_parts(s: Settings, num_classes: int):
 
     mcfg, size = vit_config(s.small)
     model = create_classifier(mcfg, num_classes, size, 3)
-    ema = make_ema(model, 0.999, warmup=True)
+    ema = make_ema(model, 0.999, warmup=ema_warmup)
     opt = make_optimizer(model, 5e-4, 0.05, 0.75)
     sched = warmup_cosine(opt, 10, 10_000, 0.01)
     model, opt, sched = s.accelerator.prepare(model, opt, sched)
@@ -192,7 +193,7 @@ def vit_finetune(s: Settings) -> Workload:
 
     acc = s.accelerator
     k = 10 if s.small else 1000
-    model, ema, opt, sched, state, size = _classifier_parts(s, k)
+    model, ema, opt, sched, state, size = _classifier_parts(s, k, ema_warmup=True)  # as finetune
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     b = s.batch["a"]
     x = torch.randn(b, 3, size, size, device=s.device)
@@ -224,7 +225,7 @@ def semivit_step(s: Settings) -> Workload:
     if n_l < 1:
         raise SystemExit(f"the Semi-ViT row needs a batch of at least {1 + MU} (1 labeled + {MU} unlabeled)")
     sc = SemiConfig(batch_size=n_l, mu=MU, pseudo_mixup=True, tau=0.7, label_smoothing=0.1)
-    model, ema, opt, sched, state, size = _classifier_parts(s, k)
+    model, ema, opt, sched, state, size = _classifier_parts(s, k, ema_warmup=False)  # as semi
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=sc.label_smoothing)
     x_l = torch.randn(n_l, 3, size, size, device=s.device)
     y_l = torch.randint(0, k, (n_l,), device=s.device)
@@ -446,8 +447,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]
 
 
 def mixup_row(device: torch.device, shape: tuple[int, int, int, int], repeats: int) -> dict:
-    """Best-of-``repeats`` times of the batched and the per-sample pseudo mixup on one batch,
-    alternated so that a busy moment of a shared machine hits both; and whether they agree."""
+    """Best times of the batched and the per-sample pseudo mixup on one batch over ``repeats``
+    turns of 3 calls each, the two taking turns so that a busy moment of a shared machine hits
+    both; and whether they agree."""
     n, c, h, w = shape
     g = torch.Generator().manual_seed(0)
     images = torch.randn(shape, generator=g).to(device)
@@ -463,8 +465,12 @@ def mixup_row(device: torch.device, shape: tuple[int, int, int, int], repeats: i
     target_err = float((a["target"] - b["target"]).abs().max())
     batched, loop = [math.inf, math.inf], [math.inf, math.inf]  # wall, thread CPU
     for _ in range(repeats):
-        batched = [min(x) for x in zip(batched, timed(lambda: prob_pseudo_mixup(*args), device), strict=True)]
-        loop = [min(x) for x in zip(loop, timed(lambda: per_sample_pseudo_mixup(*args), device), strict=True)]
+        # a few calls in a row per turn, as timeit does: a call's temporaries then come from a
+        # heap the previous call of the same code left, instead of one the other code reshaped
+        for _ in range(3):
+            batched = [min(x) for x in zip(batched, timed(lambda: prob_pseudo_mixup(*args), device), strict=True)]
+        for _ in range(3):
+            loop = [min(x) for x in zip(loop, timed(lambda: per_sample_pseudo_mixup(*args), device), strict=True)]
     row = {
         "row": "f",
         "name": f"pseudo_mixup_{h}px",
@@ -484,16 +490,27 @@ def mixup_row(device: torch.device, shape: tuple[int, int, int, int], repeats: i
     return row
 
 
+MIXUP_SHAPES = ((64, 3, 224, 224), (320, 1, 28, 28))  # ImageNet's 224 px, MNIST's 28 px
+
+
+def mixup_row_in_fresh_process(shape: tuple[int, ...], repeats: int) -> dict:
+    """``mixup_row`` on the CPU, one thread, in a new interpreter. glibc returns freed heap
+    memory to the system once enough of it piles up, at a threshold that earlier allocations set
+    (the 224 px row's 600 KB rows set a low one); a process that has run other rows would make
+    every 1 MB temporary at 28 px fault its pages in again, for both implementations alike."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mixup-child", ",".join(map(str, shape)), "--mixup-repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pseudo-mixup timing process failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def mixup_rows(device: torch.device, repeats: int) -> list[dict]:
-    """(f) at ImageNet's 224 px (64 x 3 x 224^2) and MNIST's 28 px (320 x 1 x 28^2); on the CPU
-    pinned to one thread, so the ratio is the algorithm's and not the thread count's."""
-    threads = torch.get_num_threads()
+    """(f) at 224 px and 28 px; on the CPU each in a fresh process pinned to one thread, so the
+    ratio is the algorithm's and not the thread count's or the heap's history."""
     if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        return [mixup_row(device, (64, 3, 224, 224), repeats), mixup_row(device, (320, 1, 28, 28), repeats)]
-    finally:
-        torch.set_num_threads(threads)
+        return [mixup_row_in_fresh_process(shape, repeats) for shape in MIXUP_SHAPES]
+    return [mixup_row(device, shape, repeats) for shape in MIXUP_SHAPES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,9 +579,10 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps after the FLOP-counting one (default: 5 on CUDA, 0 on CPU)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for --precision (needed for MFU on a CPU)")
-    p.add_argument("--mixup-repeats", type=int, default=7, help="repeats of the pseudo-mixup timing (best is kept)")
+    p.add_argument("--mixup-repeats", type=int, default=7, help="turns of 3 pseudo-mixup calls each (best call is kept)")
     p.add_argument("--small", action="store_true", help="tiny models and sizes: well under a minute on a CPU")
     p.add_argument("--out", default="throughput.json", help="JSON file to write")
+    p.add_argument("--mixup-child", default="", help=argparse.SUPPRESS)  # N,C,H,W: one row f, JSON to stdout
     return p.parse_args(argv)
 
 
@@ -597,6 +615,12 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
 
     args = parse_args(argv)
+    if args.mixup_child:
+        torch.set_num_threads(1)
+        shape = tuple(int(v) for v in args.mixup_child.split(","))
+        row = mixup_row(torch.device("cpu"), shape, args.mixup_repeats)
+        print(json.dumps(row))
+        return row
     rows = list(dict.fromkeys(args.rows.replace(",", "").replace(" ", "")))
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -619,6 +643,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = []
     builders = {"a": vit_finetune, "b": semivit_step, "c": mae_pretrain, "d": dit_train}
+    done = 0
     for row in rows:
         if row in builders:
             results.append(measure(builders[row](s), s, steps, warmup, args.compile, peak))
@@ -633,6 +658,9 @@ def main(argv: list[str] | None = None) -> dict:
         elif row == "f":
             results += mixup_rows(device, args.mixup_repeats)
         free(device)
+        for r in results[done:]:
+            print(f"row {r['row']} {r['name']}: {r['images_per_s']:.2f} images/s, {r['step_ms']:.1f} ms/step", flush=True)
+        done = len(results)
 
     compare_semi_to_finetune(results)
     result = {
