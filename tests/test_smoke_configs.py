@@ -47,6 +47,12 @@ SLOW_CONFIGS = {
     "imagenet_10pct_vit_large",
     "imagenet_1pct_vit_huge",
     "imagenet_1pct_vit_large",
+    # ViT-S/B at 224 px with the default pixel-space DiT at 224 px and a judge: several CPU minutes
+    # each; CI keeps one pixel-space bf16 DPT config (CIFAR-10) and one latent-space one with the
+    # Inception path (imagenet256_dit_b2)
+    "imagenet_1pct_vit_base",
+    "imagenet_10pct_vit_base",
+    "imagenet_10pct_vit_small",
 }
 SMOKE_TIMEOUT_S = 900
 SLOW_SMOKE_TIMEOUT_S = 3 * 3600
