@@ -579,8 +579,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps after the FLOP-counting one (default: 5 on CUDA, 0 on CPU)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for --precision (needed for MFU on a CPU)")
-    p.add_argument("--mixup-repeats", type=int, default=7, help="turns of 3 pseudo-mixup calls each (best call is kept)")
+    p.add_argument("--mixup-repeats", type=int, default=15, help="turns of 3 pseudo-mixup calls each (best call is kept)")
     p.add_argument("--small", action="store_true", help="tiny models and sizes: well under a minute on a CPU")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a shared CPU")
     p.add_argument("--out", default="throughput.json", help="JSON file to write")
     p.add_argument("--mixup-child", default="", help=argparse.SUPPRESS)  # N,C,H,W: one row f, JSON to stdout
     return p.parse_args(argv)
@@ -621,6 +622,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = mixup_row(torch.device("cpu"), shape, args.mixup_repeats)
         print(json.dumps(row))
         return row
+    if args.threads:
+        # an intra-op thread team on an oversubscribed CPU waits at every barrier for its slowest
+        # (descheduled) member: one thread measures a shared machine far more steadily
+        torch.set_num_threads(args.threads)
     rows = list(dict.fromkeys(args.rows.replace(",", "").replace(" ", "")))
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
