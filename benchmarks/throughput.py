@@ -15,6 +15,9 @@ device: the numbers are the model step, not the data loader.
     python benchmarks/throughput.py                      # every row, device defaults
     python benchmarks/throughput.py --rows a,b --batch-size 128 --compile --out vit.json
     python benchmarks/throughput.py --small              # tiny models, < 1 min on a CPU (tests)
+    python benchmarks/throughput.py --threads 1          # a shared CPU: one thread measures steadily
+
+Row (f) runs each size in a fresh process on the CPU (see ``mixup_row_in_fresh_process``).
 """
 
 from __future__ import annotations
