@@ -15,6 +15,9 @@ device: the numbers are the model step, not the data loader.
     python benchmarks/throughput.py                      # every row, device defaults
     python benchmarks/throughput.py --rows a,b --batch-size 128 --compile --out vit.json
     python benchmarks/throughput.py --small              # tiny models, < 1 min on a CPU (tests)
+    python benchmarks/throughput.py --threads 1          # a shared CPU: one thread measures steadily
+
+Row (f) runs each size in a fresh process on the CPU (see ``mixup_row_in_fresh_process``).
 """
 
 from __future__ import annotations
@@ -520,18 +523,31 @@ def mixup_rows(device: torch.device, repeats: int) -> list[dict]:
 
 def measure(w: Workload, s: Settings, steps: int, warmup: int, compile_: bool, peak: float | None) -> dict:
     """Count one step's FLOPs (eager), optionally compile, warm up, then time ``steps`` steps."""
-    flops, attention_ops = count_step(w.step)
+    return measure_together([w], s, steps, warmup, compile_, peak)[0]
+
+
+def measure_together(ws: list[Workload], s: Settings, steps: int, warmup: int, compile_: bool, peak) -> list[dict]:
+    """``measure`` for workloads compared with one another: their steps take turns, so that a busy
+    moment of a shared machine slows all of them rather than one."""
+    counted = [count_step(w.step) for w in ws]
     if compile_:
-        for module in w.modules:
+        for module in {id(m): m for w in ws for m in w.modules}.values():  # shared modules once
             module.compile()
     for _ in range(warmup):
-        w.step()
-    synchronize(s.device)
-    start = time.perf_counter()
+        for w in ws:
+            w.step()
+    seconds = [0.0] * len(ws)
     for _ in range(steps):
-        w.step()
-    synchronize(s.device)
-    seconds = (time.perf_counter() - start) / steps
+        for i, w in enumerate(ws):
+            synchronize(s.device)
+            start = time.perf_counter()
+            w.step()
+            synchronize(s.device)
+            seconds[i] += (time.perf_counter() - start) / steps
+    return [_row(w, sec, flops, ops, steps, peak) for w, sec, (flops, ops) in zip(ws, seconds, counted, strict=True)]
+
+
+def _row(w: Workload, seconds: float, flops: float, attention_ops: list[str], steps: int, peak) -> dict:
     achieved = flops / seconds / 1e12
     return {
         "row": w.row,
@@ -579,8 +595,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps after the FLOP-counting one (default: 5 on CUDA, 0 on CPU)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for --precision (needed for MFU on a CPU)")
-    p.add_argument("--mixup-repeats", type=int, default=7, help="turns of 3 pseudo-mixup calls each (best call is kept)")
+    p.add_argument("--mixup-repeats", type=int, default=15, help="turns of 3 pseudo-mixup calls each (best call is kept)")
     p.add_argument("--small", action="store_true", help="tiny models and sizes: well under a minute on a CPU")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a shared CPU")
     p.add_argument("--out", default="throughput.json", help="JSON file to write")
     p.add_argument("--mixup-child", default="", help=argparse.SUPPRESS)  # N,C,H,W: one row f, JSON to stdout
     return p.parse_args(argv)
@@ -621,6 +638,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = mixup_row(torch.device("cpu"), shape, args.mixup_repeats)
         print(json.dumps(row))
         return row
+    if args.threads:
+        # an intra-op thread team on an oversubscribed CPU waits at every barrier for its slowest
+        # (descheduled) member: one thread measures a shared machine far more steadily
+        torch.set_num_threads(args.threads)
     rows = list(dict.fromkeys(args.rows.replace(",", "").replace(" ", "")))
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -651,8 +672,8 @@ def main(argv: list[str] | None = None) -> dict:
             parts = _sampling_parts(s)
             # one sampling call is 25 model passes: fewer calls suffice
             calls, warm = max(1, steps // 2), min(warmup, 2)
-            ours = measure(dit_sample(s, parts), s, calls, warm, args.compile, peak)
-            theirs = measure(dit_pipeline(s, parts), s, calls, warm, False, peak)
+            workloads = [dit_sample(s, parts), dit_pipeline(s, parts)]  # one model: compiled for both
+            ours, theirs = measure_together(workloads, s, calls, warm, args.compile, peak)
             theirs["ours_speedup"] = theirs["step_ms"] / ours["step_ms"]
             results += [ours, theirs]
         elif row == "f":
