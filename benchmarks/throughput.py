@@ -173,6 +173,13 @@ def uses_sdpa_vit(model) -> bool:
     return all(getattr(block.attn, "fused_attn", False) for block in model.blocks)
 
 
+def ema_update(acc, model, ema, state) -> None:
+    """The EMA (teacher) follows every optimizer step, as ``Trainer.fit``'s ``on_update`` does."""
+    if acc.sync_gradients:
+        ema.update(acc.unwrap_model(model), step=state.step)
+        state.step += 1
+
+
 def _classifier_parts(s: Settings, num_classes: int, ema_warmup: bool):
     """Model, EMA, layer-decay AdamW and schedule exactly as the classifier stages build them."""
     from semivit.engine import TrainState, warmup_cosine
@@ -192,7 +199,7 @@ def _classifier_parts(s: Settings, num_classes: int, ema_warmup: bool):
 def vit_finetune(s: Settings) -> Workload:
     """(a) the fine-tuning stage's step: forward + loss under autocast, backward, AdamW with
     layer decay, schedule, EMA."""
-    from semivit.stage import optimizer_step, update_ema
+    from semivit.loop import optimizer_update
 
     acc = s.accelerator
     k = 10 if s.small else 1000
@@ -207,8 +214,8 @@ def vit_finetune(s: Settings) -> Workload:
             with acc.autocast():
                 loss = criterion(model(x), y)
             acc.backward(loss)
-            optimizer_step(acc, model, opt, sched, 0.0)
-        update_ema(acc, model, ema, state)
+            optimizer_update(acc, model, opt, sched, 0.0)
+        ema_update(acc, model, ema, state)
 
     info = {"sdpa": uses_sdpa_vit(acc.unwrap_model(model)), **adamw_flags(opt)}
     return Workload("a", "vit_finetune", b, step, [acc.unwrap_model(model), ema.module], info)
@@ -219,7 +226,7 @@ def semivit_step(s: Settings) -> Workload:
     the strong views, student forward on labeled + mixed strong views; backward, AdamW, EMA."""
     from semivit.config import SemiConfig
     from semivit.semi import train_step
-    from semivit.stage import optimizer_step, update_ema
+    from semivit.loop import optimizer_update
 
     acc = s.accelerator
     k = 10 if s.small else 1000
@@ -239,8 +246,8 @@ def semivit_step(s: Settings) -> Workload:
         with acc.accumulate(model):
             losses, _, _ = train_step(model, ema, acc, criterion, None, sc, k, x_l, y_l, weak, strong)
             acc.backward(losses[0])
-            optimizer_step(acc, model, opt, sched, sc.clip_grad)
-        update_ema(acc, model, ema, state)
+            optimizer_update(acc, model, opt, sched, sc.clip_grad)
+        ema_update(acc, model, ema, state)
 
     info = {"labeled": n_l, "unlabeled": MU * n_l, "sdpa": uses_sdpa_vit(acc.unwrap_model(model)), **adamw_flags(opt)}
     return Workload("b", "semivit_step", n_l * (1 + MU), step, [acc.unwrap_model(model), ema.module], info)

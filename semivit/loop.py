@@ -176,6 +176,17 @@ def settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def optimizer_update(accelerator, model, optimizer, scheduler, clip_grad: float = 0.0) -> None:
+    """After ``backward``: clip (on the micro-batch that syncs), step, schedule, zero. Inside
+    ``accelerator.accumulate`` the optimizer skips the micro-batches that do not sync."""
+    if clip_grad > 0 and accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class Trainer:
     """Owns a training stage from its Accelerator to its final files.
 
@@ -339,12 +350,7 @@ class Trainer:
                         bar.update(1)
                         continue
                     acc.backward(loss)
-                    if self.clip_grad > 0 and acc.sync_gradients:
-                        acc.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-                    self.optimizer.step()
-                    if acc.sync_gradients:
-                        self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_update(acc, self.model, self.optimizer, self.scheduler, self.clip_grad)
                 if acc.sync_gradients:
                     if on_update is not None:
                         on_update(self.state.step)
