@@ -13,7 +13,8 @@ What smoke KEEPS (everything that decides whether a run can work):
   * the user's files: diffusion.vae, fid.inception_weights, fid.classifier, the data set;
   * the method: fid.features, the noise schedule and prediction type, the sampler and guidance
     scale, the EMA settings, mixup/cutmix, pseudo mixup, tau, dist_align, the label count;
-  * where results go: output_dir (a smoke run writes the same files as a real run).
+  * the files it writes: every file a real run writes, into ``<output_dir>_smoke`` (unless the
+    folder's name already ends in "smoke"), never into a real run's folder.
 
 What smoke SHRINKS (only the amount of work):
   * data: the first few training images of each class (the labeled ones plus
@@ -64,7 +65,16 @@ def apply_smoke(cfg: Config) -> Config:
     _shrink_diffusion(out)
     _shrink_generation(out)
     out.stop_after_epoch = 0  # the single smoke epoch must finish
+    out.output_dir = smoke_output_dir(cfg.output_dir)
     return out
+
+
+def smoke_output_dir(output_dir: str) -> str:
+    """A smoke run never writes into a real run's folder (its checkpoints of other settings would
+    be dropped and its results replaced): ``runs/x`` becomes ``runs/x_smoke``; a folder whose name
+    already ends in ``smoke`` is kept."""
+    path = str(output_dir).rstrip("/")
+    return path if path.lower().endswith("smoke") else path + "_smoke"
 
 
 def train_images_per_class(data: DataConfig) -> int:

@@ -95,9 +95,9 @@ def test_apply_smoke_keeps_models_resolution_precision_and_files(path):
     for section, keys in kept.items():
         for key in keys:
             assert getattr(getattr(smoke, section), key) == getattr(getattr(cfg, section), key), f"{section}.{key}"
-    assert (smoke.output_dir, smoke.seed, smoke.name, smoke.pipeline.judge) == (
-        cfg.output_dir, cfg.seed, cfg.name, cfg.pipeline.judge
-    )
+    assert (smoke.seed, smoke.name, smoke.pipeline.judge) == (cfg.seed, cfg.name, cfg.pipeline.judge)
+    # never the real run's folder
+    assert smoke.output_dir == cfg.output_dir.rstrip("/") + "_smoke"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -285,3 +285,11 @@ def test_shipped_config_runs_end_to_end_in_smoke_mode(
     proc = run_smoke(path, settings, timeout)
     assert proc.returncode == 0, f"{' '.join(settings)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     check_smoke_run(load_config(path, settings))
+
+
+def test_smoke_never_writes_into_a_real_runs_folder():
+    from semivit.smoke import smoke_output_dir
+
+    assert smoke_output_dir("runs/cifar") == "runs/cifar_smoke"
+    assert smoke_output_dir("runs/cifar_smoke") == "runs/cifar_smoke"
+    assert smoke_output_dir("runs/smoke/") == "runs/smoke"
