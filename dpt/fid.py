@@ -156,23 +156,25 @@ def read_inception_weights(path: str | Path) -> dict:
 
 
 def inception_from_tensors(state: dict, path: str | Path = "") -> torch.nn.Module:
-    """torchmetrics' ``NoTrainInceptionV3`` holding ``state``. Its constructor (torch-fidelity's)
-    loads a weights *path* with ``torch.load(weights_only=False)``, which would run whatever code a
-    file pickles; it gets an in-memory copy of tensors that were already read safely instead, so
-    that unpickler only ever meets tensors serialised here, never the user's file."""
-    import io
+    """torchmetrics' ``NoTrainInceptionV3`` holding ``state`` (tensors already read safely).
+
+    Its constructor (torch-fidelity's) reads a weights path with an unrestricted ``torch.load``,
+    which would unpickle whatever the file holds. For the length of the constructor, ``torch.load``
+    hands it ``state`` instead, so no file and no bytes are unpickled at all; the constructor then
+    loads ``state`` strictly, so a file of another layout is still refused."""
+    from unittest import mock
 
     try:
+        import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as e:  # pragma: no cover
         raise DPTError(f"Inception FID needs torch-fidelity (pip install torch-fidelity): {e}") from e
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
-    buffer.seek(0)
+    tensors = {k: v.detach().cpu() for k, v in state.items()}
     try:
-        return NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=buffer
-        )
+        with mock.patch.object(tf_inception.torch, "load", lambda *args, **kwargs: tensors):
+            return NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
+            )
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys or other shapes
         detail = _state_dict_mismatch(str(e))
         raise DPTError(
