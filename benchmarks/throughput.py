@@ -225,8 +225,8 @@ def semivit_step(s: Settings) -> Workload:
     """(b) ``semivit.semi.train_step`` with mu = 5: teacher (EMA) on the weak views, pseudo mixup of
     the strong views, student forward on labeled + mixed strong views; backward, AdamW, EMA."""
     from semivit.config import SemiConfig
-    from semivit.semi import train_step
     from semivit.loop import optimizer_update
+    from semivit.semi import train_step
 
     acc = s.accelerator
     k = 10 if s.small else 1000

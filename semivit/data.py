@@ -10,13 +10,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -751,7 +749,3 @@ class TwoViewDataset(ViewDataset):
         return self.transform(img), self.strong(img), int(self.source.targets[i]), i
 
 
-def seed_worker(worker_id: int) -> None:
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from semivit.config import Config, save_config
+from semivit.config import Config
 from semivit.io import atomic_path, atomic_write_json
-from semivit.layout import CHECKPOINTS, CONFIG, LOGS, METRICS
+from semivit.layout import CHECKPOINTS, LOGS, METRICS
 
 logger = logging.getLogger("semivit")
 
@@ -89,15 +88,6 @@ def make_accelerator(cfg: Config, stage_dir: Path, amp: str = "no", grad_accum: 
     return accelerator
 
 
-def prepare_stage_dir(cfg: Config, stage_dir: Path, accelerator: Accelerator, tracker_name: str) -> None:
-    if accelerator.is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, stage_dir / CONFIG)
-    accelerator.wait_for_everyone()
-    if cfg.tensorboard and accelerator.log_with:
-        accelerator.init_trackers(tracker_name)
-
-
 def finish_trackers(accelerator: Accelerator) -> None:
     """Close the TensorBoard writers. Not ``end_training``: that also destroys the process group,
     and the pipeline runs further stages on the same ranks after this one."""
@@ -142,45 +132,6 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
         return None
     done = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("epoch_") and p.name[6:].isdigit()]
     return max(done, key=lambda p: int(p.name[6:]), default=None)
-
-
-def maybe_resume(cfg: Config, accelerator: Accelerator, stage_dir: Path) -> bool:
-    ckpt = latest_checkpoint(stage_dir) if cfg.resume else None
-    if ckpt is None:
-        return False
-    accelerator.load_state(str(ckpt))
-    logger.info("resumed from %s", ckpt)
-    return True
-
-
-def save_checkpoint(accelerator: Accelerator, stage_dir: Path, epoch: int, keep: int = 1) -> None:
-    """``save_state`` into a temporary folder, renamed into place once complete; older ones pruned."""
-    folder = stage_dir / CHECKPOINTS
-    final = folder / f"epoch_{epoch}"
-    tmp = folder / f".tmp_epoch_{epoch}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)  # every rank writes its RNG state here, so it must exist before any does
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        olds = sorted(
-            (p for p in folder.iterdir() if p.name.startswith("epoch_") and p.name[6:].isdigit()),
-            key=lambda p: int(p.name[6:]),
-        )
-        for old in olds[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def remove_checkpoints(accelerator: Accelerator, stage_dir: Path) -> None:
-    """Once a stage has written its final outputs its resumable state is no longer needed."""
-    if accelerator.is_main_process:
-        shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
