@@ -79,8 +79,9 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
     "retrain": (
         _retrain,
         "retrain",
-        ("synthetic", "synthetic_per_class", "synthetic_ratio", "init", "synthetic_only"),
-        "Semi-ViT retrained on real labeled + synthetic images (stage 3)",
+        ("mode", "source", "synthetic", "synthetic_per_class", "synthetic_ratio", "filter_conf", "init", "synthetic_only",
+         "probe_l2", "probe_folds"),
+        "the classifier retrained on real labeled + synthetic (or control) images (stage 3)",
     ),
     "run": (_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report"),
 }

@@ -31,7 +31,12 @@ logger = logging.getLogger("dpt")
 _SPLIT_KEYS = ("labels_per_class", "label_percent", "label_csv")
 # Settings added after runs existed: at the value that behaves as before they existed they stay
 # out of the fingerprint, so upgrading does not rerun finished stages (key -> settings it covers)
-_ADDED_OFF = {("semi", "dist_align", "none"): ("dist_align", "dist_align_momentum")}
+_ADDED_OFF = {
+    ("semi", "dist_align", "none"): ("dist_align", "dist_align_momentum"),
+    ("retrain", "mode", "semi"): ("mode", "probe_l2", "probe_folds"),
+    ("retrain", "source", "synthetic"): ("source",),
+    ("retrain", "filter_conf", 0.0): ("filter_conf",),
+}
 
 
 @dataclass(frozen=True)

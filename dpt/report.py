@@ -19,7 +19,7 @@ logger = logging.getLogger("dpt")
 ROWS = [
     ("supervised_top1", "Supervised (MAE + fine-tuning on the labeled subset)", RELATIVE.finetune),
     ("semivit_top1", "Semi-ViT (EMA-Teacher, stage 1)", RELATIVE.semi),
-    ("dpt_top1", "DPT (Semi-ViT on real + synthetic, stage 3)", RELATIVE.stage3),
+    ("dpt_top1", "DPT (stage 3: real labeled + extra images, see dpt_mode / dpt_source)", RELATIVE.stage3),
     ("ceiling_top1", "Ceiling (MAE + fine-tuning on all training labels)", RELATIVE.judge),
 ]
 
@@ -94,6 +94,9 @@ def run_report(cfg: Config) -> dict:
     semi = _metrics(run, RELATIVE.semi)
     summary["num_labeled"] = semi.get("num_labeled")
     summary["num_test"] = semi.get("num_test")
+    stage3 = _metrics(run, RELATIVE.stage3)
+    summary["dpt_mode"] = stage3.get("mode", "semi")
+    summary["dpt_source"] = stage3.get("source", "synthetic")
     pl_file = paths.pseudo_labels_json
     pl = read_json(pl_file) if pl_file.is_file() else {}
     summary["pseudo_label_acc"] = pl.get("accuracy", pl.get("pseudo_label_acc"))

@@ -208,11 +208,24 @@ class FIDConfig:
 
 @dataclass
 class RetrainConfig:
+    # how stage 3 trains: semi (Semi-ViT on real labeled + extra images, the unlabeled set as in
+    # stage 1), supervised (fine-tuning on real labeled + extra images, no unlabeled images) or
+    # probe (DPT's protocol: the encoder of retrain.init frozen, a multinomial logistic regression
+    # on its features of the real labeled + extra images)
+    mode: str = "semi"
+    # the extra labeled images: synthetic (the generator's), pseudo-real (K real unlabeled images
+    # per class with their stage-1 pseudo-labels: the self-training control), real (the same with
+    # their true labels: the oracle control) or none (K = 0: real labeled images only)
+    source: str = "synthetic"
     synthetic: str = ""  # synthetic data set folder (default: this run's synthetic/)
-    synthetic_per_class: int = 0  # 0: all
-    synthetic_ratio: float = 0.5  # share of synthetic images in each labeled batch
+    synthetic_per_class: int = 0  # K, extra images per class (synthetic or real); 0: all
+    synthetic_ratio: float = 0.5  # share of extra images in each labeled batch (semi, supervised)
+    # > 0: keep an extra image only if the stage-1 classifier gives its label at least this probability
+    filter_conf: float = 0.0
     init: str = "stage1"  # stage0 | stage1 | PATH
-    synthetic_only: bool = False  # supervised training on the synthetic set alone (CAS)
+    synthetic_only: bool = False  # train on the extra images alone (supervised or probe; CAS)
+    probe_l2: str = "auto"  # probe: L2 penalty on the weights, or auto (cross-validated on the real labeled images)
+    probe_folds: int = 5  # probe, probe_l2=auto: folds of the real labeled images
 
 
 @dataclass
@@ -495,6 +508,10 @@ _RULES: dict[str, str | tuple] = {
     "generate.seed": ">= 0",
     "fid.features": ("inception", "classifier"),
     "fid.batch_size": ">= 1",
+    "retrain.mode": ("semi", "supervised", "probe"),
+    "retrain.source": ("synthetic", "pseudo-real", "real", "none"),
+    "retrain.filter_conf": "[0, 1]",
+    "retrain.probe_folds": ">= 2",
     "retrain.synthetic_per_class": ">= 0",
     "retrain.synthetic_ratio": "[0, 1]",  # (0, 1) unless retrain.synthetic_only: see _check_cross_settings
     "pipeline.judge_epochs": ">= 1",
@@ -505,7 +522,7 @@ FREE_TEXT = {
     "name", "output_dir", "checkpoint", "data.root", "data.label_csv", "model.name", "model.init",
     "diffusion.vae", "diffusion.labels", "generate.model", "generate.out", "generate.classes",
     "fid.real", "fid.fake", "fid.inception_weights", "fid.classifier", "fid.out", "retrain.synthetic",
-    "retrain.init",
+    "retrain.init", "retrain.probe_l2",
 }
 
 
@@ -572,10 +589,30 @@ def _check_cross_settings(cfg: Config) -> None:
     if cfg.pretrain.decoder_dim % cfg.pretrain.decoder_heads:
         _fail("pretrain.decoder_dim", f"be a multiple of pretrain.decoder_heads={cfg.pretrain.decoder_heads}",
               cfg.pretrain.decoder_dim)
-    if not cfg.retrain.synthetic_only and not 0.0 < cfg.retrain.synthetic_ratio < 1.0:
-        _fail("retrain.synthetic_ratio", "lie in (0, 1), the share of synthetic images in each labeled batch",
-              cfg.retrain.synthetic_ratio, " (retrain.synthetic_only=true trains on synthetic images alone)")
+    _check_retrain(cfg.retrain)
     _check_diffusion_shape(cfg)
+
+
+def _check_retrain(rc: RetrainConfig) -> None:
+    if rc.mode != "probe" and not rc.synthetic_only and rc.source != "none" and not 0.0 < rc.synthetic_ratio < 1.0:
+        _fail("retrain.synthetic_ratio", "lie in (0, 1), the share of extra images in each labeled batch",
+              rc.synthetic_ratio, " (retrain.synthetic_only=true trains on the extra images alone)")
+    if rc.synthetic_only and rc.source == "none":
+        _fail("retrain.source", "name the images to train on when retrain.synthetic_only=true", rc.source,
+              "; e.g. retrain.source=synthetic")
+    if rc.synthetic_only and rc.mode == "semi":
+        _fail("retrain.mode", "be supervised or probe when retrain.synthetic_only=true (training on the extra "
+              "images alone uses no unlabeled images)", rc.mode)
+    if rc.filter_conf > 0 and rc.source in ("none", "real"):
+        _fail("retrain.filter_conf", f"be 0 with retrain.source={rc.source} (it filters synthetic or pseudo-real "
+              "images by the stage-1 classifier's confidence)", rc.filter_conf)
+    if str(rc.probe_l2) != "auto":
+        try:
+            l2 = float(rc.probe_l2)
+        except ValueError:
+            l2 = -1.0
+        if not (math.isfinite(l2) and l2 >= 0):
+            _fail("retrain.probe_l2", "be auto or a number >= 0", rc.probe_l2)
 
 
 def _check_diffusion_shape(cfg: Config) -> None:

@@ -8,6 +8,7 @@ Accelerate state). Writes ``<output_dir>/stage1/finetune/`` (see ``stage.finish_
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,16 @@ from semivit.evaluate import evaluate_models, make_test_loader
 from semivit.layout import layout
 from semivit.loop import Trainer
 from semivit.split import run_split
-from semivit.stage import build_classifier, classifier_outputs, make_ema, make_optimizer, resolve_init
+from semivit.stage import (
+    build_classifier,
+    classifier_outputs,
+    cycle,
+    labeled_loaders,
+    make_ema,
+    make_optimizer,
+    next_labeled,
+    resolve_init,
+)
 
 logger = logging.getLogger("semivit")
 
@@ -47,17 +57,23 @@ def run_finetune(
     labeled: tuple[ImageSource, np.ndarray] | None = None,
     name: str = "finetune",
     use_run_split: bool = True,
+    extra: ImageSource | None = None,
+    extra_ratio: float = 0.5,
+    info: dict | None = None,
 ) -> Path:
     """Fine-tune on the run's labeled split (``<run>/label_split.csv``), or on ``labeled`` (source,
     indices) when given. ``use_run_split=False``: a classifier of other label settings than the
-    run's (the judge, on every label) draws its split in memory and leaves the run's file alone."""
+    run's (the judge, on every label) draws its split in memory and leaves the run's file alone.
+    ``extra`` (synthetic or pseudo-labeled images) fills ``extra_ratio`` of every batch; an epoch
+    keeps the optimizer steps of the real labeled images alone, so a run with extra images costs
+    what its K = 0 control costs."""
     fc = cfg.finetune
     stage_dir = Path(out_dir) if out_dir else layout(cfg).finetune
     trainer = Trainer(
         cfg,
         name,
         stage_dir,
-        sections=("data", "model", "finetune", "retrain") if labeled is not None else ("data", "model", "finetune"),
+        sections=("data", "model", "finetune", "retrain") if labeled is not None or extra is not None else ("data", "model", "finetune"),
         amp=fc.amp,
         grad_accum=fc.grad_accum,
         clip_grad=fc.clip_grad,
@@ -71,11 +87,21 @@ def run_finetune(
     train_ds = ViewDataset(source, idx, tf["train"])
     # timm Mixup needs an even batch, hence drop_last
     loader = trainer.loader(train_ds, fc.batch_size, shuffle=True, drop_last=True)
+    loaders = [loader]
+    if extra is not None:
+        if source is not bundle.train:
+            raise ValueError("extra images are mixed into the run's real labeled split, not into a given labeled set")
+        loaders = labeled_loaders(trainer, bundle, idx, tf["train"], fc.batch_size, extra, extra_ratio)
 
     model = build_classifier(cfg, bundle, resolve_init(cfg, init))
     ema = make_ema(model, fc.ema_decay, warmup=True)
     opt = make_optimizer(model, fc.lr, fc.weight_decay, fc.layer_decay)
-    model, loader = trainer.prepare(model, opt, loader)
+    if extra is None:
+        model, loader = trainer.prepare(model, opt, loader)
+    else:  # the K = 0 control's steps: one pass of the real images at the full batch size
+        steps = math.ceil(len(loader) / trainer.accelerator.num_processes)
+        model, *loaders = trainer.prepare(model, opt, *loaders, micro_steps=steps)
+        iters = [cycle(ld) for ld in loaders]
     trainer.schedule(fc.epochs, int(fc.warmup_epochs * trainer.updates_per_epoch), fc.min_lr / fc.lr)
     test_loader = trainer.accelerator.prepare(make_test_loader(cfg, bundle))
     ema.to(trainer.device)
@@ -85,8 +111,15 @@ def run_finetune(
     mixup = make_mixup(fc.mixup, fc.cutmix, fc.label_smoothing, bundle.num_classes)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=fc.label_smoothing)
     logger.info(
-        "stage 1a (%s): %d labeled images, %d epochs, %d steps/epoch", name, len(train_ds), fc.epochs, trainer.updates_per_epoch
+        "stage 1a (%s): %d labeled images%s, %d epochs, %d steps/epoch", name, len(train_ds),
+        f" + {len(extra)} extra ({extra_ratio:g} of each batch)" if extra is not None else "", fc.epochs,
+        trainer.updates_per_epoch,
     )
+
+    def batches(epoch):
+        if extra is None:
+            return loader
+        return ((*next_labeled(iters), None) for _ in range(trainer.micro_per_epoch))
 
     def step(batch):
         images, labels, _ = batch
@@ -104,7 +137,7 @@ def run_finetune(
 
     trainer.fit(
         fc.epochs,
-        lambda epoch: loader,
+        batches,
         step,
         on_update=lambda s: ema.update(trainer.accelerator.unwrap_model(model), step=s),
         end_epoch=end_epoch,
@@ -121,11 +154,13 @@ def run_finetune(
         "top5_ema": final["top5_ema"],
         "num_labeled": int(len(idx)),
         "num_unlabeled": num_unlabeled,
+        **({"num_extra": len(extra), "extra_ratio": extra_ratio} if extra is not None else {}),
         "num_test": final["num_test"],
         "per_class_acc_ema": final["per_class_acc_ema"],
         "init": resolve_init(cfg, init) or "random",
         "epochs": fc.epochs,
         "seconds": round(trainer.seconds, 1),
+        **(info or {}),
     }
     logger.info("%s done: top1 %.2f  top1_ema %.2f (%.0fs)", name, metrics["top1"], metrics["top1_ema"], trainer.seconds)
     write = classifier_outputs(cfg, trainer, model, ema, bundle, source, idx)

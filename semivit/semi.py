@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from timm.loss import SoftTargetCrossEntropy
-from torchvision import transforms as T
 
 from semivit.config import Config
-from semivit.data import ImageSource, TwoViewDataset, ViewDataset, build_data, build_transforms
+from semivit.data import ImageSource, TwoViewDataset, build_data, build_transforms
 from semivit.evaluate import evaluate_models, make_test_loader
 from semivit.finetune import make_mixup
 from semivit.layout import layout
@@ -33,7 +32,15 @@ from semivit.ssl import (
     teacher_pseudo_labels,
     unlabeled_loss,
 )
-from semivit.stage import build_classifier, classifier_outputs, cycle, make_ema, make_optimizer
+from semivit.stage import (
+    build_classifier,
+    classifier_outputs,
+    cycle,
+    labeled_loaders,
+    make_ema,
+    make_optimizer,
+    next_labeled,
+)
 
 logger = logging.getLogger("semivit")
 
@@ -71,28 +78,6 @@ def pseudo_label_stats(conf_mask: torch.Tensor, hard: torch.Tensor, true: torch.
     return out
 
 
-def _labeled_loaders(trainer, cfg, bundle, tf, labeled_idx, synthetic, ratio):
-    B = cfg.semi.batch_size
-    view = tf.get("semi_labeled", tf["train"])
-    if synthetic is None:
-        return [trainer.loader(ViewDataset(bundle.train, labeled_idx, view), B, shuffle=True)]
-    if synthetic.num_classes != bundle.num_classes:
-        raise ValueError(
-            f"the synthetic set has {synthetic.num_classes} classes, data '{cfg.data.name}' {bundle.num_classes}; "
-            "generate it from a model trained on this data set"
-        )
-    loaders = []
-    b_real, b_syn = round((1 - ratio) * B), round(ratio * B)
-    # synthetic images may differ in size or mode: convert to the data's channels; the view resizes
-    mode = T.Lambda(lambda img: img.convert("L" if bundle.channels == 1 else "RGB"))
-    if b_real > 0:
-        loaders.append(trainer.loader(ViewDataset(bundle.train, labeled_idx, view), b_real, shuffle=True))
-    if b_syn > 0:
-        syn = ViewDataset(synthetic, np.arange(len(synthetic)), T.Compose([mode, view]))
-        loaders.append(trainer.loader(syn, b_syn, shuffle=True))
-    return loaders
-
-
 def run_semi(
     cfg: Config,
     out_dir: Path | None = None,
@@ -100,6 +85,7 @@ def run_semi(
     synthetic: ImageSource | None = None,
     synthetic_ratio: float = 0.5,
     name: str = "semi",
+    info: dict | None = None,
 ) -> Path:
     sc = cfg.semi
     stage_dir = Path(out_dir) if out_dir else layout(cfg).semi
@@ -119,7 +105,8 @@ def run_semi(
     K = bundle.num_classes
     tf = build_transforms(cfg.data, bundle)
     split = run_split(cfg, bundle.train, name)  # the run's labeled split, as fine-tuning saw it
-    lab_loaders = _labeled_loaders(trainer, cfg, bundle, tf, split.labeled, synthetic, synthetic_ratio)
+    view = tf.get("semi_labeled", tf["train"])
+    lab_loaders = labeled_loaders(trainer, bundle, split.labeled, view, cfg.semi.batch_size, synthetic, synthetic_ratio)
     unl_ds = TwoViewDataset(bundle.train, split.unlabeled, tf["weak"], tf["strong"])
     unl_loader = trainer.loader(unl_ds, sc.mu * sc.batch_size, shuffle=True)
 
@@ -151,7 +138,7 @@ def run_semi(
     def batches(epoch):
         while True:  # the unlabeled loader is passed over as often as the epoch's steps need
             for weak_u, strong_u, true_u, _ in unl_loader:
-                x_l, y_l = _next_labeled(lab_iters)
+                x_l, y_l = next_labeled(lab_iters)
                 yield x_l, y_l, weak_u, strong_u, true_u
 
     def step(batch):
@@ -213,15 +200,11 @@ def run_semi(
     }
     if synthetic is not None:
         metrics.update(num_synthetic=len(synthetic), synthetic_ratio=synthetic_ratio)
+    metrics.update(info or {})
     logger.info("%s done: top1 %.2f  top1_ema %.2f (%.0fs)", name, metrics["top1"], metrics["top1_ema"], trainer.seconds)
     write = classifier_outputs(cfg, trainer, model, ema, bundle, bundle.train, split.labeled)
     trainer.finish(metrics, write, "stage 1b: Semi-ViT" if synthetic is None else "stage 3: DPT retraining")
     return stage_dir
-
-
-def _next_labeled(iters) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [next(it) for it in iters]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def make_alignment(sc, source: ImageSource, labeled_idx, num_classes: int, accelerator) -> DistributionAlignment | None:

@@ -11,10 +11,11 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 from semivit.checks import check_classifier_classes
 from semivit.config import Config
-from semivit.data import save_label_split
+from semivit.data import ViewDataset, save_label_split
 from semivit.layout import LABEL_SPLIT, layout
 from semivit.loop import StopRequested, seed_worker  # noqa: F401  (StopRequested: the CLIs catch it here)
 from semivit.models import classifier_meta, create_classifier, load_encoder_weights, save_classifier
@@ -87,6 +88,33 @@ def make_loader(dataset, batch_size: int, shuffle: bool, cfg: Config, drop_last:
         generator=g,
         persistent_workers=cfg.data.num_workers > 0,
     )
+
+
+def labeled_loaders(trainer, bundle, labeled_idx, view, batch_size: int, extra=None, ratio: float = 0.5) -> list:
+    """The loaders of a labeled batch: the real labeled images, and with ``extra`` (synthetic or
+    pseudo-labeled images) ``round(ratio * batch_size)`` of them in every batch."""
+    if extra is None:
+        return [trainer.loader(ViewDataset(bundle.train, labeled_idx, view), batch_size, shuffle=True)]
+    if extra.num_classes != bundle.num_classes:
+        raise ValueError(
+            f"the extra labeled set has {extra.num_classes} classes, the data set {bundle.num_classes}; "
+            "generate it from a model trained on this data set"
+        )
+    loaders = []
+    b_real, b_extra = round((1 - ratio) * batch_size), round(ratio * batch_size)
+    # synthetic images may differ in size or mode: convert to the data's channels; the view resizes
+    mode = T.Lambda(lambda img: img.convert("L" if bundle.channels == 1 else "RGB"))
+    if b_real > 0:
+        loaders.append(trainer.loader(ViewDataset(bundle.train, labeled_idx, view), b_real, shuffle=True))
+    if b_extra > 0:
+        loaders.append(trainer.loader(ViewDataset(extra, np.arange(len(extra)), T.Compose([mode, view])), b_extra, shuffle=True))
+    return loaders
+
+
+def next_labeled(iters) -> tuple[torch.Tensor, torch.Tensor]:
+    """One labeled batch: the next batch of each cycled loader, concatenated."""
+    parts = [next(it) for it in iters]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def cycle(loader):
