@@ -50,10 +50,10 @@ def _retrain(cfg):
     return run_retrain(cfg)
 
 
-def _run(cfg, start: str | None = None):
+def _run(cfg, start: str | None = None, until: str | None = None):
     from dpt.pipeline import run_pipeline
 
-    return run_pipeline(cfg, start=start)
+    return run_pipeline(cfg, start=start, until=until)
 
 
 # name -> (run function, section for short keys, short keys, help)
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["run"].add_argument(
         "--from", dest="start", choices=STAGE_NAMES, default=None, help="rerun from this stage on"
     )
+    sub.choices["run"].add_argument(
+        "--until", choices=STAGE_NAMES, default=None,
+        help="stop after this stage (e.g. generate: the synthetic set, for stage-3 studies of your own)",
+    )
     return parser
 
 
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         setting = "output_dir" if folder is None or folder == cfg.run_dir.resolve() else "generate.out"
         with run_lock(folder, f"dpt {' '.join(argv)}", f"dpt {args.command}", setting):
             if args.command == "run":
-                run(cfg, start=args.start)
+                run(cfg, start=args.start, until=args.until)
             elif args.command == "generate":
                 run(cfg, check_data=args.config is not None or _sets_data(args.overrides))
             else:

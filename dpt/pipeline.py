@@ -177,15 +177,17 @@ def _load_state(cfg: Config) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def plan(cfg: Config, start: str | None = None) -> list[tuple[Stage, str]]:
-    """``(stage, reason)`` for each stage that must run, in order."""
-    if start is not None and start not in STAGE_NAMES:
-        raise ConfigError(f"--from '{start}' is not a stage; stages: {', '.join(STAGE_NAMES)}")
+def plan(cfg: Config, start: str | None = None, until: str | None = None) -> list[tuple[Stage, str]]:
+    """``(stage, reason)`` for each stage that must run, in order (up to ``until`` when given)."""
+    for flag, name in (("--from", start), ("--until", until)):
+        if name is not None and name not in STAGE_NAMES:
+            raise ConfigError(f"{flag} '{name}' is not a stage; stages: {', '.join(STAGE_NAMES)}")
     state = _load_state(cfg)
     todo: list[tuple[Stage, str]] = []
     rerun: set[str] = set()
     forced = False
-    for stage in STAGES:
+    last = STAGE_NAMES.index(until) if until is not None else len(STAGES)
+    for stage in STAGES[: last + 1]:
         if not stage.enabled(cfg):
             continue
         forced = forced or stage.name == start
@@ -326,12 +328,12 @@ def preflight(cfg: Config, todo: list[tuple[Stage, str]]) -> None:
         InceptionFeatures(cfg.fid.inception_weights)  # reads the file safely and checks its layout
 
 
-def run_pipeline(cfg: Config, start: str | None = None) -> dict:
+def run_pipeline(cfg: Config, start: str | None = None, until: str | None = None) -> dict:
     state_ = distributed_state()
     if state_.is_main_process:
         _recover(cfg)
     state_.wait_for_everyone()
-    todo = plan(cfg, start)
+    todo = plan(cfg, start, until)
     preflight(cfg, todo)
     if cfg.smoke and state_.is_main_process:
         logger.info("smoke run: the config's models, precision and files on a few images and ~2 steps per stage")

@@ -32,13 +32,16 @@ def stage3_dir(cfg: Config) -> Path:
 
 
 def resolve_init(cfg: Config) -> str:
-    """``retrain.init``: stage1 (the Semi-ViT model of this run), stage0 (the MAE encoder) or a path."""
+    """``retrain.init``: stage1 (the Semi-ViT model of this run), stage0 (the MAE encoder: the run's own,
+    or the file model.init names) or a path."""
     init = cfg.retrain.init
     if init == "stage1":
         path = layout(cfg).semi
         hint = "run stage 1 first (scripts/stage1_semivit.sh) or set retrain.init=stage0|PATH"
     elif init == "stage0":
-        path = layout(cfg).encoder
+        # a run whose classifiers start from a given encoder (model.init=PATH) has that as its stage 0
+        given = cfg.model.init not in ("", "auto", "none")
+        path = Path(cfg.model.init) if given else layout(cfg).encoder
         hint = "run stage 0 first (python -m semivit pretrain) or set retrain.init=stage1|PATH"
     else:
         path, hint = Path(init), "set retrain.init=stage0|stage1|PATH to an existing folder or file"

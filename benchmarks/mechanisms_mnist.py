@@ -1,0 +1,318 @@
+"""When does the generator pay? Stage 3 with each source of extra images, per mode, paired per seed.
+
+For each labels-per-class count L and seed: stages 1-2 of the pipeline (`dpt run --until generate`,
+stage 0 = one MAE encoder given by --encoder, shared by every run), then stage 3 in each --modes
+with each source of extra labeled images, all from the same stage-1 model and labeled split:
+
+    none         K = 0: the real labeled images only (the control for the retraining itself)
+    pseudo-real  K real unlabeled images per class with their stage-1 pseudo-labels (self-training)
+    synthetic    K generated images per class (DPT)
+    synthetic-f  the same, keeping only images the stage-1 classifier gives their class >= --filter
+
+Modes: probe (DPT's protocol: logistic regression on the frozen MAE encoder), supervised
+(fine-tuning the MAE encoder on real + extra images, the fine-tuning recipe and steps of stage 1a)
+and semi (Semi-ViT from the stage-1 model, 20 more epochs). The supervised K = 0 cell is stage 1a
+itself (the same computation: same settings, seed and data order). With --mixup, Semi-ViT (stage
+1b) is also run with probabilistic pseudo mixup from the same fine-tuned model. With --cas, a
+classifier trained on the K synthetic images per class alone is set against the same classifier on
+K real unlabeled images per class with their true labels (Classification Accuracy Score).
+
+Every top-1 is the final model (EMA where the stage keeps one) on the 1000 test images; nothing is
+selected on them. Results accumulate in OUT/mechanisms.json (a cell already done is read back), the
+table is printed, and OUT/mechanisms.png plots the gain over K = 0 per source, per mode.
+
+    python benchmarks/mechanisms_mnist.py --labels 1 2 5 10 --seeds 0 1 2 --modes probe supervised \\
+        --encoder runs/mnist5k_seed0/stage0/encoder.safetensors --judge runs/mnist5k_seed0/judge \\
+        --mixup 2 10 --cas 2 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from semivit.config import load_config  # noqa: E402
+from semivit.io import atomic_write_json, read_json  # noqa: E402
+from semivit.layout import METRICS, RunLayout  # noqa: E402
+
+SOURCES = ("none", "pseudo-real", "synthetic", "synthetic-f")
+MODE_INIT = {"probe": "stage0", "supervised": "stage0", "semi": "stage1"}
+
+
+def top1(folder: Path) -> float:
+    m = read_json(folder / METRICS)
+    return m.get("top1_ema", m.get("top1"))
+
+
+def base_config(args, labels: int, seed: int, run: Path, *extra: str):
+    return load_config(
+        args.config,
+        [
+            f"output_dir={run}", f"seed={seed}", f"data.labels_per_class={labels}", f"model.init={args.encoder}",
+            "pipeline.judge=false", f"generate.num_per_class={args.pool}", *args.overrides, *extra,
+        ],
+    )
+
+
+def cell_overrides(mode: str, source: str, args) -> list[str]:
+    src = "synthetic" if source.startswith("synthetic") else source
+    out = [f"retrain.mode={mode}", f"retrain.source={src}", f"retrain.init={MODE_INIT[mode]}"]
+    if src != "none":
+        out.append(f"retrain.synthetic_per_class={args.k}")
+    if source == "synthetic-f":
+        out.append(f"retrain.filter_conf={args.filter}")
+    return out
+
+
+def judge_class_acc(cfg, judge: str) -> float | None:
+    """Share of the synthetic images the judge (a classifier trained on all true labels) assigns to
+    the class they were generated for."""
+    if not judge:
+        return None
+    import numpy as np
+
+    from dpt.generate import load_synthetic_source
+    from semivit.data import ViewDataset, build_data, build_transforms
+    from semivit.engine import make_accelerator
+    from semivit.evaluate import predict
+    from semivit.models import load_classifier
+    from semivit.stage import make_loader
+
+    bundle = build_data(cfg.data)
+    pool = load_synthetic_source(RunLayout(cfg.run_dir).synthetic, bundle.classes, bundle.channels)
+    acc = make_accelerator(cfg, cfg.run_dir / "bench")
+    model, _ = load_classifier(judge, prefer_ema=True)
+    tf = build_transforms(cfg.data, bundle)["test"]
+    loader = acc.prepare(make_loader(ViewDataset(pool, np.arange(len(pool)), tf), 256, shuffle=False, cfg=cfg, drop_last=False))
+    logits, labels, _ = predict(model, loader, acc, "judge")
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def bench_run(args, labels: int, seed: int) -> dict:
+    from dpt.pipeline import run_pipeline
+    from dpt.retrain import run_retrain
+    from semivit.semi import run_semi
+
+    run = Path(args.out) / f"l{labels}_seed{seed}"
+    cfg = base_config(args, labels, seed, run)
+    run_pipeline(cfg, until="generate")
+    lay = RunLayout(run)
+    row: dict = {"labels": labels, "seed": seed}
+    row["supervised"] = top1(lay.finetune)
+    row["semivit"] = top1(lay.semi)
+    pl = read_json(lay.pseudo_labels_json)
+    row["pseudo_label_acc"] = pl.get("accuracy")
+    cached = read_json(run / "bench" / "row.json") if (run / "bench" / "row.json").is_file() else {}
+    if "synthetic_class_acc" not in cached and args.judge:
+        cached["synthetic_class_acc"] = judge_class_acc(cfg, args.judge)
+    row["synthetic_class_acc"] = cached.get("synthetic_class_acc")
+    cells = dict(cached.get("cells", {}))
+    for mode in args.modes:
+        for source in SOURCES:
+            key = f"{mode}/{source}"
+            if key in cells:
+                continue
+            if mode == "supervised" and source == "none":
+                cells[key] = row["supervised"]  # stage 1a is this computation
+                continue
+            if mode == "semi" and labels not in args.semi_labels:
+                continue
+            if mode == "supervised" and source == "synthetic-f" and not args.supervised_filtered:
+                continue
+            out = run / "bench" / key.replace("/", "_")
+            if not (out / METRICS).is_file():
+                run_retrain(base_config(args, labels, seed, run, *cell_overrides(mode, source, args)), out_dir=out)
+            cells[key] = top1(out)
+            m = read_json(out / METRICS)
+            if source == "synthetic-f":
+                row.setdefault("filter_kept", m.get("filter_kept"))
+            if source == "pseudo-real":
+                row.setdefault("pseudo_real_label_acc", m.get("extra_label_acc"))
+            _save(run, row, cells)
+    if labels in args.cas:
+        for mode in args.cas_modes:
+            for source in ("synthetic", "real"):
+                key = f"cas-{mode}/{source}"
+                out = run / "bench" / key.replace("/", "_")
+                if not (out / METRICS).is_file():
+                    over = [f"retrain.mode={mode}", f"retrain.source={source}", "retrain.init=stage0",
+                            f"retrain.synthetic_per_class={args.k}", "retrain.synthetic_only=true",
+                            *([f"finetune.epochs={args.cas_epochs}"] if mode == "supervised" else [])]
+                    run_retrain(base_config(args, labels, seed, run, *over), out_dir=out)
+                cells[key] = top1(out)
+                _save(run, row, cells)
+    if labels in args.mixup:
+        mixed = Path(args.out) / f"l{labels}_seed{seed}_mixup"
+        semi_dir = RunLayout(mixed).semi
+        if not (semi_dir / METRICS).is_file():
+            mcfg = base_config(args, labels, seed, mixed, "semi.pseudo_mixup=true")
+            mixed.mkdir(parents=True, exist_ok=True)
+            for f in ("label_split.csv", "label_split.json"):  # the same labeled images
+                if (run / f).is_file() and not (mixed / f).exists():
+                    (mixed / f).write_bytes((run / f).read_bytes())
+            run_semi(mcfg, init=str(lay.finetune))
+        cells["semivit/mixup"] = top1(semi_dir)
+        for tag, folder in (("off", lay.semi), ("on", semi_dir)):
+            m = read_json(folder / METRICS)
+            hist = read_json(folder / "history.json")
+            row[f"mixup_{tag}"] = {
+                "top1": top1(folder),
+                "mask_ratio_first": hist[0].get("mask_ratio"),
+                "mask_ratio_last": m.get("mask_ratio"),
+                "pseudo_label_acc_last": m.get("pseudo_label_acc"),
+            }
+    row["cells"] = cells
+    _save(run, row, cells)
+    return row
+
+
+def _save(run: Path, row: dict, cells: dict) -> None:
+    atomic_write_json(run / "bench" / "row.json", {**row, "cells": cells})
+
+
+def paired(rows: list[dict], labels: int, key: str, base: str) -> list[float]:
+    """Per-seed differences cell[key] - cell[base] at one label count (seeds that have both)."""
+    out = []
+    for r in rows:
+        c = r["cells"]
+        if r["labels"] == labels and c.get(key) is not None and c.get(base) is not None:
+            out.append(c[key] - c[base])
+    return out
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:+.2f} (1 seed)"
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def level(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def table(rows: list[dict], modes: list[str]) -> str:
+    label_counts = sorted({r["labels"] for r in rows})
+    lines = ["| mode | labels/class | seeds | K = 0, top-1 % | pseudo-real − K=0 | synthetic − K=0 | synthetic-f − K=0 | synthetic − pseudo-real |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        for L in label_counts:
+            base = f"{mode}/none"
+            k0 = [r["cells"][base] for r in rows if r["labels"] == L and r["cells"].get(base) is not None]
+            if not k0:
+                continue
+            lines.append(
+                f"| {mode} | {L} | {len(k0)} | {level(k0)} | {fmt(paired(rows, L, f'{mode}/pseudo-real', base))} | "
+                f"{fmt(paired(rows, L, f'{mode}/synthetic', base))} | {fmt(paired(rows, L, f'{mode}/synthetic-f', base))} | "
+                f"{fmt(paired(rows, L, f'{mode}/synthetic', f'{mode}/pseudo-real'))} |"
+            )
+    lines += ["", "| labels/class | seeds | supervised (1a) | Semi-ViT (1b) | pseudo-label acc | synthetic class acc (judge) |",
+              "|---|---|---|---|---|---|"]
+    for L in label_counts:
+        sel = [r for r in rows if r["labels"] == L]
+        col = lambda k: level([r[k] for r in sel if r.get(k) is not None])  # noqa: E731
+        lines.append(f"| {L} | {len(sel)} | {col('supervised')} | {col('semivit')} | {col('pseudo_label_acc')} | {col('synthetic_class_acc')} |")
+    cas = [r for r in rows if any(k.startswith("cas-") for k in r["cells"])]
+    if cas:
+        lines += ["", "| CAS: trained on K images per class alone | labels/class | seeds | synthetic | real (true labels) | synthetic − real |",
+                  "|---|---|---|---|---|---|"]
+        for mode in ("probe", "supervised"):
+            for L in sorted({r["labels"] for r in cas}):
+                s = [r["cells"][f"cas-{mode}/synthetic"] for r in cas if r["labels"] == L and f"cas-{mode}/synthetic" in r["cells"]]
+                t = [r["cells"][f"cas-{mode}/real"] for r in cas if r["labels"] == L and f"cas-{mode}/real" in r["cells"]]
+                if s:
+                    lines.append(f"| {mode} | {L} | {len(s)} | {level(s)} | {level(t)} | {fmt(paired(cas, L, f'cas-{mode}/synthetic', f'cas-{mode}/real'))} |")
+    mix = [r for r in rows if "mixup_on" in r]
+    if mix:
+        lines += ["", "| pseudo mixup | labels/class | seeds | off, top-1 % | on, top-1 % | on − off | mask ratio first → last epoch, off | on |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for L in sorted({r["labels"] for r in mix}):
+            sel = [r for r in mix if r["labels"] == L]
+            off = [r["mixup_off"]["top1"] for r in sel]
+            on = [r["mixup_on"]["top1"] for r in sel]
+            mr = lambda t: " / ".join(f"{r[f'mixup_{t}']['mask_ratio_first']:.2f}→{r[f'mixup_{t}']['mask_ratio_last']:.2f}" for r in sel)  # noqa: E731
+            lines.append(f"| | {L} | {len(sel)} | {level(off)} | {level(on)} | {fmt([b - a for a, b in zip(off, on)])} | {mr('off')} | {mr('on')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], modes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in modes if any(r["cells"].get(f"{m}/none") is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False, sharey=False)
+    colors = {"pseudo-real": "tab:blue", "synthetic": "tab:orange", "synthetic-f": "tab:green"}
+    for ax, mode in zip(axes[0], modes):
+        label_counts = sorted({r["labels"] for r in rows})
+        for k, source in enumerate(("pseudo-real", "synthetic", "synthetic-f")):
+            pts = [(L, paired(rows, L, f"{mode}/{source}", f"{mode}/none")) for L in label_counts]
+            pts = [(L, d) for L, d in pts if d]
+            if not pts:
+                continue
+            xs = [L * (1 + 0.04 * (k - 1)) for L, _ in pts]  # a small offset so the error bars do not overlap
+            ys = [statistics.mean(d) for _, d in pts]
+            err = [statistics.stdev(d) if len(d) > 1 else 0.0 for _, d in pts]
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=colors[source], label=source)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(label_counts, [str(L) for L in label_counts])
+        ax.set_xlabel("real labels per class")
+        ax.set_ylabel("top-1 gain over K = 0, points")
+        ax.set_title(f"stage 3: {mode}")
+        ax.legend(fontsize=7)
+    fig.suptitle("extra labeled images per class: mean ± sd of the per-seed gain", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/mnist5k.yaml")
+    p.add_argument("--out", default="runs/mechanisms")
+    p.add_argument("--labels", type=int, nargs="+", default=[1, 2, 5, 10])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--modes", nargs="+", default=["probe", "supervised"], choices=list(MODE_INIT))
+    p.add_argument("--semi-labels", type=int, nargs="*", default=[2], help="label counts that run the (costly) semi mode")
+    p.add_argument("--k", type=int, default=100, help="extra images per class")
+    p.add_argument("--pool", type=int, default=200, help="synthetic images generated per class (the filter's pool)")
+    p.add_argument("--filter", type=float, default=0.9, help="retrain.filter_conf of the synthetic-f source")
+    p.add_argument("--supervised-filtered", action="store_true", help="also the synthetic-f source in supervised mode")
+    p.add_argument("--encoder", required=True, help="stage-0 MAE encoder shared by every run (model.init)")
+    p.add_argument("--judge", default="", help="classifier folder trained on all true labels (synthetic class accuracy)")
+    p.add_argument("--mixup", type=int, nargs="*", default=[], help="label counts that also run Semi-ViT with pseudo mixup")
+    p.add_argument("--cas", type=int, nargs="*", default=[], help="label counts that measure CAS")
+    p.add_argument("--cas-modes", nargs="*", default=["probe", "supervised"])
+    p.add_argument("--cas-epochs", type=int, default=30, help="finetune.epochs of the supervised CAS classifiers")
+    p.add_argument("--report-only", action="store_true", help="print the table and plot from OUT/mechanisms.json")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. semi.dist_align=uniform)")
+    args = p.parse_args()
+    out = Path(args.out)
+    results = out / "mechanisms.json"
+    merged = {(r["labels"], r["seed"]): r for r in (read_json(results) if results.is_file() else [])}
+    if not args.report_only:
+        for seed in args.seeds:  # a whole seed at a time: the paired table fills in evenly
+            for L in args.labels:
+                merged[(L, seed)] = {**merged.get((L, seed), {}), **bench_run(args, L, seed)}
+                atomic_write_json(results, [merged[k] for k in sorted(merged)])
+    rows = [merged[k] for k in sorted(merged)]
+    modes = list(dict.fromkeys([*args.modes, *MODE_INIT]))
+    print(table(rows, modes))
+    png = out / "mechanisms.png"
+    plot(rows, modes, png)
+    print(f"\nplot: {png}\nresults: {results}")
+    print(json.dumps({"config": args.config, "overrides": args.overrides, "k": args.k, "filter": args.filter}, indent=None))
+
+
+if __name__ == "__main__":
+    main()
