@@ -299,12 +299,16 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     results = out / "mechanisms.json"
-    merged = {(r["labels"], r["seed"]): r for r in (read_json(results) if results.is_file() else [])}
     if not args.report_only:
         for seed in args.seeds:  # a whole seed at a time: the paired table fills in evenly
             for L in args.labels:
-                merged[(L, seed)] = {**merged.get((L, seed), {}), **bench_run(args, L, seed)}
-                atomic_write_json(results, [merged[k] for k in sorted(merged)])
+                bench_run(args, L, seed)
+    # every run's row (OUT/l*_seed*/bench/row.json), so invocations side by side add up
+    merged = {}
+    for f in sorted(out.glob("l*_seed*/bench/row.json")):
+        r = read_json(f)
+        merged[(r["labels"], r["seed"])] = r
+    atomic_write_json(results, [merged[k] for k in sorted(merged)])
     rows = [merged[k] for k in sorted(merged)]
     modes = list(dict.fromkeys([*args.modes, *MODE_INIT]))
     print(table(rows, modes))
