@@ -102,12 +102,10 @@ def bench_run(args, labels: int, seed: int) -> dict:
     cfg = base_config(args, labels, seed, run)
     run_pipeline(cfg, until="generate")
     lay = RunLayout(run)
-    row: dict = {"labels": labels, "seed": seed}
-    row["supervised"] = top1(lay.finetune)
-    row["semivit"] = top1(lay.semi)
-    pl = read_json(lay.pseudo_labels_json)
-    row["pseudo_label_acc"] = pl.get("accuracy")
     cached = read_json(run / "bench" / "row.json") if (run / "bench" / "row.json").is_file() else {}
+    row: dict = {k: v for k, v in cached.items() if k != "cells"}  # what earlier invocations measured
+    row.update(labels=labels, seed=seed, supervised=top1(lay.finetune), semivit=top1(lay.semi))
+    row["pseudo_label_acc"] = read_json(lay.pseudo_labels_json).get("accuracy")
     if "synthetic_class_acc" not in cached and args.judge:
         cached["synthetic_class_acc"] = judge_class_acc(cfg, args.judge)
     row["synthetic_class_acc"] = cached.get("synthetic_class_acc")
