@@ -90,7 +90,7 @@ def test_apply_smoke_keeps_models_resolution_precision_and_files(path):
         ),
         "generate": ("sampler", "guidance_scale", "seed", "classes"),
         "fid": ("features", "inception_weights", "classifier", "real"),
-        "retrain": ("init", "synthetic_ratio", "synthetic_only"),
+        "retrain": ("mode", "source", "filter_conf", "init", "synthetic_ratio", "synthetic_only", "probe_l2"),
     }
     for section, keys in kept.items():
         for key in keys:
