@@ -74,23 +74,9 @@ def judge_class_acc(cfg, judge: str) -> float | None:
     the class they were generated for."""
     if not judge:
         return None
-    import numpy as np
+    from dpt.fid import synthetic_class_accuracy
 
-    from dpt.generate import load_synthetic_source
-    from semivit.data import ViewDataset, build_data, build_transforms
-    from semivit.engine import make_accelerator
-    from semivit.evaluate import predict
-    from semivit.models import load_classifier
-    from semivit.stage import make_loader
-
-    bundle = build_data(cfg.data)
-    pool = load_synthetic_source(RunLayout(cfg.run_dir).synthetic, bundle.classes, bundle.channels)
-    acc = make_accelerator(cfg, cfg.run_dir / "bench")
-    model, _ = load_classifier(judge, prefer_ema=True)
-    tf = build_transforms(cfg.data, bundle)["test"]
-    loader = acc.prepare(make_loader(ViewDataset(pool, np.arange(len(pool)), tf), 256, shuffle=False, cfg=cfg, drop_last=False))
-    logits, labels, _ = predict(model, loader, acc, "judge")
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+    return synthetic_class_accuracy(judge, RunLayout(cfg.run_dir).synthetic)["synthetic_class_acc"]
 
 
 def bench_run(args, labels: int, seed: int) -> dict:
