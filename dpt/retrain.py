@@ -64,6 +64,14 @@ def synthetic_dir(cfg: Config) -> Path:
     return Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else layout(cfg).synthetic
 
 
+def _check_manifest(folder: Path) -> None:
+    if not (folder / MANIFEST).is_file():
+        raise ConfigError(
+            f"retrain.synthetic='{folder}' holds no manifest.csv; run `python -m dpt generate` first "
+            "or point retrain.synthetic at a generated data set"
+        )
+
+
 def per_class_draw(
     labels: np.ndarray, keep: np.ndarray, per_class: int, seed: int, what: str, strict: bool, num_classes: int = 0
 ) -> np.ndarray:
@@ -134,11 +142,7 @@ def extra_images(cfg: Config, bundle, unlabeled: np.ndarray) -> tuple[ImageSourc
     K = rc.synthetic_per_class
     if rc.source == "synthetic":
         folder = synthetic_dir(cfg)
-        if not (folder / MANIFEST).is_file():
-            raise ConfigError(
-                f"retrain.synthetic='{folder}' holds no manifest.csv; run `python -m dpt generate` first "
-                "or point retrain.synthetic at a generated data set"
-            )
+        _check_manifest(folder)
         pool = load_synthetic_source(folder, bundle.classes, bundle.channels)
         labels, true = pool.targets, None
         what = f"'{folder}'"
@@ -198,6 +202,8 @@ def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
     from semivit.split import run_split
 
     rc = cfg.retrain
+    if rc.source == "synthetic":
+        _check_manifest(synthetic_dir(cfg))  # before any data is read
     bundle = build_data(cfg.data)
     init = resolve_init(cfg)
     out = Path(out_dir) if out_dir else stage3_dir(cfg)
