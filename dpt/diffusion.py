@@ -197,6 +197,24 @@ def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     return x0
 
 
+def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, min_snr_gamma: float) -> torch.Tensor | None:
+    """Min-SNR-gamma weighting (Hang et al., 2023) of each sample's MSE, for the scheduler's
+    prediction target: the loss of each noise level counted as if it were an epsilon loss weighted
+    by min(SNR, gamma), so the nearly clean levels (where the fine strokes are decided) are not
+    drowned by the easy ones. None (uniform weights) when ``min_snr_gamma`` is 0."""
+    if min_snr_gamma <= 0:
+        return None
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=min_snr_gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # the clean image: its MSE is the epsilon MSE divided by the SNR
+
+
 @torch.no_grad()
 def sample(
     model,

@@ -36,6 +36,7 @@ _ADDED_OFF = {
     ("retrain", "mode", "semi"): ("mode", "probe_l2", "probe_folds"),
     ("retrain", "source", "synthetic"): ("source",),
     ("retrain", "filter_conf", 0.0): ("filter_conf",),
+    ("diffusion", "min_snr_gamma", 0.0): ("min_snr_gamma",),
 }
 
 

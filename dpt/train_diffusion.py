@@ -31,6 +31,7 @@ from dpt.diffusion import (
     model_space,
     sample,
     save_generator,
+    loss_weights,
     training_target,
 )
 from dpt.errors import DPTError
@@ -346,7 +347,11 @@ def run_train_diffusion(cfg: Config) -> Path:
         with trainer.accelerator.autocast():
             pred = denoiser_forward(model, xt, t, y)
         seen["images"] += x.shape[0] * trainer.accelerator.num_processes
-        return {"loss": F.mse_loss(pred.float(), training_target(noise_scheduler, x0, noise, t).float())}
+        target = training_target(noise_scheduler, x0, noise, t).float()
+        weights = loss_weights(noise_scheduler, t, dcfg.min_snr_gamma)
+        if weights is None:
+            return {"loss": F.mse_loss(pred.float(), target)}
+        return {"loss": (weights * (pred.float() - target).pow(2).flatten(1).mean(1)).mean()}
 
     def on_update(step_: int) -> None:
         ema.step(raw.parameters())

@@ -166,6 +166,9 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"
+    # > 0: min-SNR-gamma loss weights (e.g. 5): nearly clean noise levels count as much as the
+    # class-deciding noisy ones; 0: every noise level's MSE counts the same
+    min_snr_gamma: float = 0.0
     epochs: int = 15
     batch_size: int = 64
     lr: float = 5e-4
@@ -489,6 +492,7 @@ _RULES: dict[str, str | tuple] = {
     "diffusion.num_train_timesteps": ">= 2",
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
     "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "diffusion.min_snr_gamma": ">= 0",
     "diffusion.epochs": ">= 1",
     "diffusion.batch_size": ">= 1",
     "diffusion.lr": "> 0",
