@@ -232,3 +232,31 @@ def test_samplers_reach_the_data_with_an_imperfect_denoiser(sampler, monkeypatch
     noise, gens = image_noise([1, 2], (1, 8, 8))
     out = sample(None, make_sampler(train.config, sampler), noise, torch.tensor([0, 1]), 2, 2.0, 25, gens)
     assert (out - target).abs().max() < 0.1
+
+
+def test_min_snr_weights_count_every_target_as_the_same_epsilon_loss():
+    """x0, v and epsilon predictions with min-SNR weights give the same loss for the same denoised
+    estimate: each is min(SNR, gamma) times the epsilon-space error."""
+    from diffusers import DDPMScheduler
+
+    from dpt.diffusion import loss_weights, training_target
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 1, 4, 4, generator=g), torch.randn(6, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 100, 400, 800, 999])
+    est_x0 = x0 + 0.1 * torch.randn(6, 1, 4, 4, generator=g)  # one imperfect estimate of the clean image
+    losses = {}
+    for kind in ("sample", "epsilon", "v_prediction"):
+        sch = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+        a = sch.alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = sch.add_noise(x0, noise, t)
+        est_eps = (xt - a.sqrt() * est_x0) / (1 - a).sqrt()  # the same estimate in each target's terms
+        pred = {"sample": est_x0, "epsilon": est_eps, "v_prediction": a.sqrt() * est_eps - (1 - a).sqrt() * est_x0}[kind]
+        err = (pred - training_target(sch, x0, noise, t)).pow(2).flatten(1).mean(1)
+        losses[kind] = loss_weights(sch, t, 5.0) * err
+        assert loss_weights(sch, t, 0.0) is None
+    assert torch.allclose(losses["sample"], losses["epsilon"], rtol=1e-3, atol=1e-6)
+    assert torch.allclose(losses["v_prediction"], losses["epsilon"], rtol=1e-3, atol=1e-6)
+    sch = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
+    w = loss_weights(sch, t, 5.0)
+    assert w.max() <= 5.0 and w[0] == 5.0 and w[-1] < 1e-3  # capped where nearly clean, tiny where pure noise
