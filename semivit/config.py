@@ -226,7 +226,7 @@ class RetrainConfig:
     # > 0: keep an extra image only if the stage-1 classifier gives its label at least this probability
     filter_conf: float = 0.0
     init: str = "stage1"  # stage0 | stage1 | PATH
-    synthetic_only: bool = False  # train on the extra images alone (supervised or probe; CAS)
+    synthetic_only: bool = False  # train on the extra images alone, by fine-tuning (probe mode: the probe); CAS
     probe_l2: str = "auto"  # probe: L2 penalty on the weights, or auto (cross-validated on the real labeled images)
     probe_folds: int = 5  # probe, probe_l2=auto: folds of the real labeled images
 
@@ -604,9 +604,6 @@ def _check_retrain(rc: RetrainConfig) -> None:
     if rc.synthetic_only and rc.source == "none":
         _fail("retrain.source", "name the images to train on when retrain.synthetic_only=true", rc.source,
               "; e.g. retrain.source=synthetic")
-    if rc.synthetic_only and rc.mode == "semi":
-        _fail("retrain.mode", "be supervised or probe when retrain.synthetic_only=true (training on the extra "
-              "images alone uses no unlabeled images)", rc.mode)
     if rc.filter_conf > 0 and rc.source in ("none", "real"):
         _fail("retrain.filter_conf", f"be 0 with retrain.source={rc.source} (it filters synthetic or pseudo-real "
               "images by the stage-1 classifier's confidence)", rc.filter_conf)

@@ -172,7 +172,6 @@ def test_cli_short_keys_and_a_changed_mode_reruns_only_stage_3(tiny_run):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["retrain.mode=semi", "retrain.synthetic_only=true"], "retrain.mode"),
         (["retrain.source=none", "retrain.synthetic_only=true"], "retrain.source"),
         (["retrain.source=real", "retrain.filter_conf=0.5"], "retrain.filter_conf"),
         (["retrain.probe_l2=strong"], "retrain.probe_l2"),
