@@ -96,7 +96,7 @@ def bench_run(args, labels: int, seed: int) -> dict:
         cached["synthetic_class_acc"] = judge_class_acc(cfg, args.judge)
     row["synthetic_class_acc"] = cached.get("synthetic_class_acc")
     cells = dict(cached.get("cells", {}))
-    for mode in args.modes:
+    for mode in [] if args.only_mixup else args.modes:
         for source in SOURCES:
             key = f"{mode}/{source}"
             if key in cells:
@@ -118,7 +118,7 @@ def bench_run(args, labels: int, seed: int) -> dict:
             if source == "pseudo-real":
                 row.setdefault("pseudo_real_label_acc", m.get("extra_label_acc"))
             _save(run, row, cells)
-    if labels in args.cas:
+    if labels in args.cas and not args.only_mixup:
         for mode in args.cas_modes:
             for source in ("synthetic", "real"):
                 key = f"cas-{mode}/{source}"
@@ -278,6 +278,7 @@ def main() -> None:
     p.add_argument("--cas", type=int, nargs="*", default=[], help="label counts that measure CAS")
     p.add_argument("--cas-modes", nargs="*", default=["probe", "supervised"])
     p.add_argument("--cas-epochs", type=int, default=30, help="finetune.epochs of the supervised CAS classifiers")
+    p.add_argument("--only-mixup", action="store_true", help="only the pseudo mixup runs (--mixup), no stage-3 cells")
     p.add_argument("--report-only", action="store_true", help="print the table and plot from OUT/mechanisms.json")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. semi.dist_align=uniform)")
     args = p.parse_args()
