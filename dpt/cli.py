@@ -67,7 +67,7 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
     "generate": (
         _generate,
         "generate",
-        ("model", "out", "num_per_class", "guidance_scale", "sampler", "steps", "classes", "batch_size"),
+        ("model", "out", "num_per_class", "guidance_scale", "guidance_min_t", "sampler", "steps", "classes", "batch_size"),
         "write a labeled synthetic data set (stage 2b)",
     ),
     "fid": (

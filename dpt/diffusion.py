@@ -226,18 +226,23 @@ def sample(
     steps: int,
     generators: list[torch.Generator] | None = None,
     amp_dtype: torch.dtype | None = None,
+    guidance_min_t: float = 0.0,
 ) -> torch.Tensor:
     """Our guided sampling loop over any diffusers scheduler (diffusers' DiTPipeline hard-codes 1000
     classes). ``generators`` (one per image) feed the stochastic samplers, so an image never
     depends on which other images share its batch. ``amp_dtype`` (bf16/fp16) runs the network
-    under autocast."""
+    under autocast. ``guidance_min_t`` > 0 guides only the noisier steps (t at least that share of
+    the training timesteps) and samples the rest conditionally: the class is decided at high
+    noise, while guiding the nearly clean steps amplifies the network's pixel-level errors."""
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
+    last_guided = guidance_min_t * scheduler.config.num_train_timesteps
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
+        w = guidance_scale if guidance_min_t <= 0 or float(t) >= last_guided else 1.0
         # the network may run in reduced precision (amp_dtype); the solver's state stays fp32
         with torch.autocast(noise.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = predict(model, x_in, t.to(noise.device), labels, null_label, guidance_scale)
+            out = predict(model, x_in, t.to(noise.device), labels, null_label, w)
         out = out.float()
         x = scheduler.step(out, t, x, generator=generators).prev_sample
     return x

@@ -184,6 +184,8 @@ def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
         "sampler": gcfg.sampler,
         "steps": int(gcfg.steps),
         "image_size": int(meta["image_size"]),
+        # added later: present only when used, so folders made before it keep matching
+        **({"guidance_min_t": float(gcfg.guidance_min_t)} if gcfg.guidance_min_t > 0 else {}),
     }
     # every rank lists the missing files before any rank writes one
     if accelerator.is_main_process:
@@ -215,7 +217,7 @@ def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
     for batch in mine:
         labels = torch.tensor([c for c, _ in batch], device=device)
         noise, gens = image_noise([image_seed(gcfg.seed, c, i) for c, i in batch], shape, device)
-        x = sample(model, sampler, noise, labels, null, gcfg.guidance_scale, gcfg.steps, gens, amp_dtype)
+        x = sample(model, sampler, noise, labels, null, gcfg.guidance_scale, gcfg.steps, gens, amp_dtype, gcfg.guidance_min_t)
         imgs = ((codec.decode(x) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         imgs = imgs.permute(0, 2, 3, 1).cpu().numpy()
         for (c, i), img in zip(batch, imgs, strict=True):

@@ -37,6 +37,7 @@ _ADDED_OFF = {
     ("retrain", "source", "synthetic"): ("source",),
     ("retrain", "filter_conf", 0.0): ("filter_conf",),
     ("diffusion", "min_snr_gamma", 0.0): ("min_snr_gamma",),
+    ("generate", "guidance_min_t", 0.0): ("guidance_min_t",),
 }
 
 

@@ -191,6 +191,7 @@ class GenerateConfig:
     num_per_class: int = 100
     classes: str = ""  # comma-separated class names or ids; empty: all
     guidance_scale: float = 2.0
+    guidance_min_t: float = 0.0  # > 0: guide only steps with t >= this share of the timesteps (e.g. 0.3)
     sampler: str = "dpmsolver++"  # ddpm | ddim | dpmsolver++
     steps: int = 25
     batch_size: int = 250
@@ -506,6 +507,7 @@ _RULES: dict[str, str | tuple] = {
     "diffusion.checkpoint_every": ">= 0",
     "generate.num_per_class": ">= 0",
     "generate.guidance_scale": ">= 0",
+    "generate.guidance_min_t": "[0, 1)",
     "generate.sampler": ("ddpm", "ddim", "dpmsolver++"),
     "generate.steps": ">= 1",
     "generate.batch_size": ">= 1",

@@ -260,3 +260,25 @@ def test_min_snr_weights_count_every_target_as_the_same_epsilon_loss():
     sch = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
     w = loss_weights(sch, t, 5.0)
     assert w.max() <= 5.0 and w[0] == 5.0 and w[-1] < 1e-3  # capped where nearly clean, tiny where pure noise
+
+
+def test_guidance_min_t_guides_only_the_noisier_steps(monkeypatch):
+    import dpt.diffusion as d
+    from dpt.diffusion import image_noise
+
+    seen = []
+
+    def fake_predict(model, x, t, labels, null_label, w):
+        seen.append((int(t), w))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(d, "predict", fake_predict)
+    train = make_noise_scheduler(DiffusionConfig(), latent=False)
+    noise, gens = image_noise([0], (1, 4, 4))
+    sample(None, make_sampler(train.config, "dpmsolver++"), noise, torch.tensor([0]), 2, 3.0, 10, gens, guidance_min_t=0.3)
+    assert len(seen) == 10
+    assert all(w == 3.0 for t, w in seen if t >= 300) and all(w == 1.0 for t, w in seen if t < 300)
+    assert {w for _, w in seen} == {1.0, 3.0}
+    seen.clear()
+    sample(None, make_sampler(train.config, "dpmsolver++"), noise, torch.tensor([0]), 2, 3.0, 10, gens)
+    assert {w for _, w in seen} == {3.0}  # 0: every step guided, as before
