@@ -100,7 +100,7 @@ def grids(rows: list[dict], out: Path, path: Path) -> None:
     from PIL import Image
 
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    for ax, r in zip(axes[0], rows, strict=True):
         ax.imshow(Image.open(out / r["variant"] / "synthetic" / "grid.png"), cmap="gray")
         ax.set_title(f"{r['variant']}\nCAS {r['cas_probe_synthetic']:.1f}  acc {r['synthetic_class_acc']:.1f}  FID {r['fid']:.2f}",
                      fontsize=8)

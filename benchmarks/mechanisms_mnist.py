@@ -202,8 +202,9 @@ def table(rows: list[dict], modes: list[str]) -> str:
               "|---|---|---|---|---|---|"]
     for L in label_counts:
         sel = [r for r in rows if r["labels"] == L]
-        col = lambda k: level([r[k] for r in sel if r.get(k) is not None])  # noqa: E731
-        lines.append(f"| {L} | {len(sel)} | {col('supervised')} | {col('semivit')} | {col('pseudo_label_acc')} | {col('synthetic_class_acc')} |")
+        cols = [level([r[k] for r in sel if r.get(k) is not None])
+                for k in ("supervised", "semivit", "pseudo_label_acc", "synthetic_class_acc")]
+        lines.append(f"| {L} | {len(sel)} | " + " | ".join(cols) + " |")
     cas = [r for r in rows if any(k.startswith("cas-") for k in r["cells"])]
     if cas:
         lines += ["", "| CAS: trained on K images per class alone | labels/class | seeds | synthetic | real (true labels) | synthetic − real |",
@@ -222,8 +223,10 @@ def table(rows: list[dict], modes: list[str]) -> str:
             sel = [r for r in mix if r["labels"] == L]
             off = [r["mixup_off"]["top1"] for r in sel]
             on = [r["mixup_on"]["top1"] for r in sel]
-            mr = lambda t: " / ".join(f"{r[f'mixup_{t}']['mask_ratio_first']:.2f}→{r[f'mixup_{t}']['mask_ratio_last']:.2f}" for r in sel)  # noqa: E731
-            lines.append(f"| | {L} | {len(sel)} | {level(off)} | {level(on)} | {fmt([b - a for a, b in zip(off, on)])} | {mr('off')} | {mr('on')} |")
+            mr = {t: " / ".join(f"{r[f'mixup_{t}']['mask_ratio_first']:.2f}→{r[f'mixup_{t}']['mask_ratio_last']:.2f}" for r in sel)
+                  for t in ("off", "on")}
+            diff = fmt([b - a for a, b in zip(off, on, strict=True)])
+            lines.append(f"| | {L} | {len(sel)} | {level(off)} | {level(on)} | {diff} | {mr['off']} | {mr['on']} |")
     return "\n".join(lines)
 
 
@@ -236,7 +239,7 @@ def plot(rows: list[dict], modes: list[str], path: Path) -> None:
     modes = [m for m in modes if any(r["cells"].get(f"{m}/none") is not None for r in rows)]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False, sharey=False)
     colors = {"pseudo-real": "tab:blue", "synthetic": "tab:orange", "synthetic-f": "tab:green"}
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[0], modes, strict=True):
         label_counts = sorted({r["labels"] for r in rows})
         for k, source in enumerate(("pseudo-real", "synthetic", "synthetic-f")):
             pts = [(L, paired(rows, L, f"{mode}/{source}", f"{mode}/none")) for L in label_counts]
@@ -272,7 +275,7 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=200, help="synthetic images generated per class (the filter's pool)")
     p.add_argument("--filter", type=float, default=0.9, help="retrain.filter_conf of the synthetic-f source")
     p.add_argument("--supervised-filtered", action="store_true", help="also the synthetic-f source in supervised mode")
-    p.add_argument("--encoder", required=True, help="stage-0 MAE encoder shared by every run (model.init)")
+    p.add_argument("--encoder", default="", help="stage-0 MAE encoder shared by every run (model.init); needed unless --report-only")
     p.add_argument("--judge", default="", help="classifier folder trained on all true labels (synthetic class accuracy)")
     p.add_argument("--mixup", type=int, nargs="*", default=[], help="label counts that also run Semi-ViT with pseudo mixup")
     p.add_argument("--cas", type=int, nargs="*", default=[], help="label counts that measure CAS")
@@ -284,6 +287,8 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     results = out / "mechanisms.json"
+    if not args.report_only and not args.encoder:
+        p.error("--encoder is needed to run stages (e.g. runs/mnist5k_seed0/stage0/encoder.safetensors)")
     if not args.report_only:
         for seed in args.seeds:  # a whole seed at a time: the paired table fills in evenly
             for L in args.labels:

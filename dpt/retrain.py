@@ -22,7 +22,7 @@ import numpy as np
 from dpt.errors import DPTError
 from semivit.config import Config, ConfigError
 from semivit.data import ImageSource, build_data
-from semivit.layout import MANIFEST, METRICS, layout
+from semivit.layout import MANIFEST, layout
 
 logger = logging.getLogger("dpt")
 

@@ -26,12 +26,12 @@ from dpt.diffusion import (
     drop_labels,
     image_noise,
     load_vae,
+    loss_weights,
     make_noise_scheduler,
     make_sampler,
     model_space,
     sample,
     save_generator,
-    loss_weights,
     training_target,
 )
 from dpt.errors import DPTError
