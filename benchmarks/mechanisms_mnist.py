@@ -235,6 +235,7 @@ def plot(rows: list[dict], modes: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     modes = [m for m in modes if any(r["cells"].get(f"{m}/none") is not None for r in rows)]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False, sharey=False)
@@ -252,6 +253,8 @@ def plot(rows: list[dict], modes: list[str], path: Path) -> None:
             ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=colors[source], label=source)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xlim(min(label_counts) / 1.4, max(label_counts) * 1.4)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(label_counts, [str(L) for L in label_counts])
         ax.set_xlabel("real labels per class")
         ax.set_ylabel("top-1 gain over K = 0, points")
