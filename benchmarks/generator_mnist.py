@@ -44,8 +44,9 @@ def variant_run(args, name: str, overrides: list[str]) -> Path:
     links = [RELATIVE.stage0, RELATIVE.stage1, Path("label_split.csv"), Path("label_split.json")]
     if not trains:
         links.append(RELATIVE.stage2)
-    if not overrides:  # the run's own generator and images
-        links.append(RELATIVE.synthetic)
+    own = source / RELATIVE.synthetic / METRICS
+    if not overrides and own.is_file() and read_json(own).get("num_per_class") == args.n:
+        links.append(RELATIVE.synthetic)  # the run's own generator and images, as many as asked for
     for rel in links:
         src, dst = source / rel, run / rel
         if dst.exists() or not src.exists():
