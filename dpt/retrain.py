@@ -101,7 +101,7 @@ def per_class_draw(
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def stage1_confidence(cfg: Config, source: ImageSource) -> np.ndarray:
+def stage1_confidence(cfg: Config, bundle, source: ImageSource) -> np.ndarray:
     """The probability the stage-1 classifier (the one that made the pseudo-labels) gives each
     image's label."""
     import torch
@@ -115,7 +115,6 @@ def stage1_confidence(cfg: Config, source: ImageSource) -> np.ndarray:
     folder = layout(cfg).semi
     if not (folder / "meta.json").is_file():
         raise ConfigError(f"retrain.filter_conf needs the stage-1 classifier '{folder}': run stage 1 first or set retrain.filter_conf=0")
-    bundle = build_data(cfg.data)
     accelerator = make_accelerator(cfg, layout(cfg).stage3)
     model, _ = load_classifier(folder, prefer_ema=cfg.pseudo_label.use_ema)
     mode = "L" if bundle.channels == 1 else "RGB"
@@ -140,6 +139,7 @@ def extra_images(cfg: Config, bundle, unlabeled: np.ndarray) -> tuple[ImageSourc
     if rc.source == "none":
         return None, {**info, "num_extra": 0}
     K = rc.synthetic_per_class
+    pseudo_conf = None  # the pseudo-labels' confidences (pseudo-real)
     if rc.source == "synthetic":
         folder = synthetic_dir(cfg)
         _check_manifest(folder)
@@ -163,7 +163,7 @@ def extra_images(cfg: Config, bundle, unlabeled: np.ndarray) -> tuple[ImageSourc
             if conf is not None:
                 conf_table = np.ones(len(bundle.train))
                 conf_table[idx] = conf
-                info["_conf"] = conf_table[unlabeled]
+                pseudo_conf = conf_table[unlabeled]
         else:
             labels = bundle.train.targets[unlabeled]
             if (labels < 0).any():
@@ -173,12 +173,11 @@ def extra_images(cfg: Config, bundle, unlabeled: np.ndarray) -> tuple[ImageSourc
         what = f"the {len(unlabeled)} unlabeled training images"
     keep = np.ones(len(labels), dtype=bool)
     if rc.filter_conf > 0:
-        conf = info.pop("_conf", None) if rc.source == "pseudo-real" else stage1_confidence(cfg, pool)
+        conf = pseudo_conf if rc.source == "pseudo-real" else stage1_confidence(cfg, bundle, pool)
         if conf is None:
             raise ConfigError(f"retrain.filter_conf needs confidences; '{layout(cfg).pseudo_labels_csv}' has none")
         keep = conf >= rc.filter_conf
         info["filter_kept"] = round(float(keep.mean()), 4)
-    info.pop("_conf", None)
     strict = rc.source in ("synthetic", "real") and rc.filter_conf <= 0
     chosen = per_class_draw(labels, keep, K, cfg.seed, what, strict=strict, num_classes=bundle.num_classes)
     if len(chosen) == 0:
