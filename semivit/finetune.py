@@ -124,6 +124,8 @@ def run_finetune(
     def step(batch):
         images, labels, _ = batch
         if mixup:
+            if len(images) % 2:  # timm's Mixup needs an even batch (a small real set beside the extra images)
+                images, labels = images[:-1], labels[:-1]
             images, labels = mixup(images, labels)
         with trainer.accelerator.autocast():
             loss = criterion(model(images), labels)
