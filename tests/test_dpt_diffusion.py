@@ -282,3 +282,28 @@ def test_guidance_min_t_guides_only_the_noisier_steps(monkeypatch):
     seen.clear()
     sample(None, make_sampler(train.config, "dpmsolver++"), noise, torch.tensor([0]), 2, 3.0, 10, gens)
     assert {w for _, w in seen} == {3.0}  # 0: every step guided, as before
+
+
+@pytest.mark.parametrize("kind", ["sample", "epsilon", "v_prediction"])
+def test_ddim_carries_on_the_noise_of_the_clipped_clean_image(kind):
+    """A DDIM step from x_t must land on sqrt(a_prev) x0c + sqrt(1 - a_prev) eps(x_t, x0c), with x0c
+    the clipped clean-image estimate, also when the network's estimate leaves the pixel range
+    (guidance does): diffusers' own DDIM keeps the noise of the unclipped estimate there."""
+    from diffusers import DDIMScheduler
+
+    train = make_noise_scheduler(DiffusionConfig(prediction_type=kind), latent=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 4, generator=g)
+    x0 = 1.8 * torch.rand(2, 1, 4, 4, generator=g) * 2 - 1.8  # clean-image estimate, half of it out of range
+    sch = make_sampler(train.config, "ddim")
+    sch.set_timesteps(10)
+    t, t_prev = sch.timesteps[3], sch.timesteps[4]
+    a, a_prev = sch.alphas_cumprod[t], sch.alphas_cumprod[t_prev]
+    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    out = {"sample": x0, "epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[kind]
+    x0c = x0.clamp(-1, 1)
+    expected = a_prev.sqrt() * x0c + (1 - a_prev).sqrt() * (x - a.sqrt() * x0c) / (1 - a).sqrt()
+    assert torch.allclose(sch.step(out, t, x).prev_sample, expected, atol=1e-4)
+    plain = DDIMScheduler.from_config(train.config)
+    plain.set_timesteps(10)
+    assert not torch.allclose(plain.step(out, t, x).prev_sample, expected, atol=1e-2)
