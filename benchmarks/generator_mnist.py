@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semivit.config import load_config  # noqa: E402
-from semivit.io import atomic_write_json, read_json  # noqa: E402
+from semivit.io import atomic_write_json, pyplot, read_json  # noqa: E402
 from semivit.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
 
 TRAIN_KEYS = ("diffusion.",)  # a variant that changes these trains its own generator
@@ -94,10 +94,7 @@ def measure(args, name: str, overrides: list[str]) -> dict:
 
 
 def grids(rows: list[dict], out: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from PIL import Image
 
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semivit.config import load_config  # noqa: E402
-from semivit.io import atomic_write_json, read_json  # noqa: E402
+from semivit.io import atomic_write_json, pyplot, read_json  # noqa: E402
 from semivit.layout import METRICS, RunLayout  # noqa: E402
 
 SOURCES = ("none", "pseudo-real", "synthetic", "synthetic-f")
@@ -231,10 +231,7 @@ def table(rows: list[dict], modes: list[str]) -> str:
 
 
 def plot(rows: list[dict], modes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     modes = [m for m in modes if any(r["cells"].get(f"{m}/none") is not None for r in rows)]

@@ -30,7 +30,7 @@ from dpt.generate import run_generate  # noqa: E402
 from dpt.pipeline import run_pipeline  # noqa: E402
 from dpt.retrain import run_retrain  # noqa: E402
 from semivit.config import load_config  # noqa: E402
-from semivit.io import atomic_write_json, read_json  # noqa: E402
+from semivit.io import atomic_write_json, pyplot, read_json  # noqa: E402
 from semivit.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
 from semivit.semi import run_semi  # noqa: E402
 
@@ -98,10 +98,7 @@ def bench_seed(args, seed: int) -> dict:
 
 def plot_k_sweep(rows: list[dict], ks: list[int], guidance: float, path: Path) -> None:
     """Top-1 against K (synthetic images per class): each seed, and the mean with its spread."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def value(r, k):
         v = r.get(f"dpt_k{k}_w{guidance:g}")

@@ -25,7 +25,7 @@ from semivit.config import Config
 from semivit.data import ImageSource, ViewDataset, build_transforms
 from semivit.engine import make_accelerator
 from semivit.evaluate import accuracy_metrics, make_test_loader, predict
-from semivit.io import atomic_write_json
+from semivit.io import atomic_path, atomic_write_json, pyplot
 from semivit.layout import CONFIG, LABEL_SPLIT, METRICS
 from semivit.models import classifier_meta, save_classifier
 from semivit.stage import build_classifier, make_loader
@@ -176,12 +176,7 @@ def run_probe(cfg: Config, bundle, out: Path, init: str, labeled_idx: np.ndarray
 
 
 def plot_l2_scores(scores: list, chosen: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from semivit.io import atomic_path
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.semilogx([s["l2"] for s in scores], [s["heldout_acc"] for s in scores], "o-")

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from semivit.config import Config, ConfigError
-from semivit.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from semivit.io import atomic_path, atomic_write_json, atomic_write_text, pyplot, read_json
 from semivit.layout import CURVES, GRID, META, METRICS, RELATIVE, layout
 
 logger = logging.getLogger("dpt")
@@ -59,10 +59,7 @@ def format_table(summary: dict) -> str:
 
 
 def _results_plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [label.split(" (")[0] for key, label, _ in ROWS if summary.get(key) is not None]
     values = [summary[key] for key, _, _ in ROWS if summary.get(key) is not None]

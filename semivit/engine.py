@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from semivit.config import Config
-from semivit.io import atomic_path, atomic_write_json
+from semivit.io import atomic_path, atomic_write_json, pyplot
 from semivit.layout import CHECKPOINTS, LOGS, METRICS
 
 logger = logging.getLogger("semivit")
@@ -138,10 +138,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """One panel per logged quantity over epochs, written atomically as a PNG."""
     if not history:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [k for k in history[-1] if k != "epoch" and isinstance(history[-1][k], (int, float))]
     keys = [k for k in keys if not k.startswith("hist") and k != "step"][:12]

@@ -18,6 +18,17 @@ import torch
 from semivit.errors import FileFormatError, WeightsError
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: plotting is optional
+    work at the end of a stage, and a headless rank has no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""

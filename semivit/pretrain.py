@@ -16,7 +16,7 @@ from timm.optim import create_optimizer_v2
 
 from semivit.config import Config
 from semivit.data import ViewDataset, build_data, build_transforms
-from semivit.io import atomic_path, save_weights
+from semivit.io import atomic_path, pyplot, save_weights
 from semivit.layout import layout
 from semivit.loop import Trainer
 from semivit.mae import create_mae
@@ -26,10 +26,7 @@ logger = logging.getLogger("semivit")
 
 def save_reconstructions(mae, images: torch.Tensor, mean, std, path: Path, seed: int = 0) -> None:
     """Rows: input, masked input, reconstruction (visible patches kept, masked ones predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     g = torch.Generator(device=images.device).manual_seed(seed)
     was_training = mae.training
