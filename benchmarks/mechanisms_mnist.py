@@ -106,7 +106,7 @@ def bench_run(args, labels: int, seed: int) -> dict:
                 continue
             if mode == "semi" and labels not in args.semi_labels:
                 continue
-            if mode == "supervised" and source == "synthetic-f" and not args.supervised_filtered:
+            if source == "synthetic-f" and mode not in args.filtered_modes:
                 continue
             out = run / "bench" / key.replace("/", "_")
             if not (out / METRICS).is_file():
@@ -274,7 +274,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=100, help="extra images per class")
     p.add_argument("--pool", type=int, default=200, help="synthetic images generated per class (the filter's pool)")
     p.add_argument("--filter", type=float, default=0.9, help="retrain.filter_conf of the synthetic-f source")
-    p.add_argument("--supervised-filtered", action="store_true", help="also the synthetic-f source in supervised mode")
+    p.add_argument("--filtered-modes", nargs="*", default=["probe"], choices=list(MODE_INIT),
+                   help="modes that also run the synthetic-f source (default: probe)")
     p.add_argument("--encoder", default="", help="stage-0 MAE encoder shared by every run (model.init); needed unless --report-only")
     p.add_argument("--judge", default="", help="classifier folder trained on all true labels (synthetic class accuracy)")
     p.add_argument("--mixup", type=int, nargs="*", default=[], help="label counts that also run Semi-ViT with pseudo mixup")
