@@ -186,8 +186,8 @@ def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
         "image_size": int(meta["image_size"]),
         # added later: present only when used, so folders made before it keep matching
         **({"guidance_min_t": float(gcfg.guidance_min_t)} if gcfg.guidance_min_t > 0 else {}),
-        # DDIM images made before ClippedDDIMScheduler came from another update rule: never mixed
-        **({"ddim_noise": "clipped"} if gcfg.sampler == "ddim" else {}),
+        # pixel-space DDIM images made before ClippedDDIMScheduler came from another update rule
+        **({"ddim_noise": "clipped"} if gcfg.sampler == "ddim" and sched_config.get("clip_sample") else {}),
     }
     # every rank lists the missing files before any rank writes one
     if accelerator.is_main_process:
