@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semivit.config import load_config  # noqa: E402
-from semivit.io import atomic_write_json, pyplot, read_json  # noqa: E402
-from semivit.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
+from semivit.config.load import load_config  # noqa: E402
+from semivit.files import atomic_write_json, pyplot, read_json  # noqa: E402
+from semivit.runtime.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
 
 TRAIN_KEYS = ("diffusion.",)  # a variant that changes these trains its own generator
 

@@ -1,4 +1,4 @@
-"""What the latent cache (dpt/latents.py) saves in latent-space diffusion training, on the CPU.
+"""What the latent cache (dpt/diffusion/latents.py) saves in latent-space diffusion training, on the CPU.
 
 1. One training epoch of a small DiT on a generated 64 px RGB set through a small AutoencoderKL,
    encoding every batch with the VAE (train-diffusion's pixel path) against drawing the latents
@@ -30,17 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpt.diffusion import (  # noqa: E402
-    Codec,
-    build_denoiser,
-    denoiser_forward,
-    drop_labels,
-    make_noise_scheduler,
-    training_target,
-)
-from dpt.latents import load_or_build_latents  # noqa: E402
-from semivit.config import DiffusionConfig  # noqa: E402
-from semivit.data import ArraySource  # noqa: E402
+from dpt.diffusion.codec import Codec
+from dpt.diffusion.latents import load_or_build_latents  # noqa: E402
+from dpt.diffusion.model import build_denoiser, denoiser_forward, drop_labels
+from dpt.diffusion.sampling import make_noise_scheduler, training_target
+from semivit.config.schema import DiffusionConfig  # noqa: E402
+from semivit.data.sources import ArraySource  # noqa: E402
 
 NUM_CLASSES = 10
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semivit.config import load_config  # noqa: E402
-from semivit.io import atomic_write_json, pyplot, read_json  # noqa: E402
-from semivit.layout import METRICS, RunLayout  # noqa: E402
+from semivit.config.load import load_config  # noqa: E402
+from semivit.files import atomic_write_json, pyplot, read_json  # noqa: E402
+from semivit.runtime.layout import METRICS, RunLayout  # noqa: E402
 
 SOURCES = ("none", "pseudo-real", "synthetic", "synthetic-f")
 MODE_INIT = {"probe": "stage0", "supervised": "stage0", "semi": "stage1"}
@@ -82,7 +82,7 @@ def judge_class_acc(cfg, judge: str) -> float | None:
 def bench_run(args, labels: int, seed: int) -> dict:
     from dpt.pipeline import run_pipeline
     from dpt.retrain import run_retrain
-    from semivit.semi import run_semi
+    from semivit.stages.semi import run_semi
 
     run = Path(args.out) / f"l{labels}_seed{seed}"
     cfg = base_config(args, labels, seed, run)

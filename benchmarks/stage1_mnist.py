@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from semivit.config import load_config
-from semivit.io import read_json
-from semivit.layout import METRICS, RunLayout
+from semivit.config.load import load_config
+from semivit.files import read_json
+from semivit.runtime.layout import METRICS, RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,9 @@ def stage(path: Path, make) -> dict:
 
 
 def accuracy_rows(args) -> list[dict]:
-    from semivit.finetune import run_finetune
-    from semivit.pretrain import run_pretrain
-    from semivit.semi import run_semi
+    from semivit.stages.finetune import run_finetune
+    from semivit.stages.pretrain import run_pretrain
+    from semivit.stages.semi import run_semi
 
     run = Path(args.run)
     paths = RunLayout(run)
@@ -125,10 +125,10 @@ def _best_of(fn, repeats: int) -> float:
 
 
 def speed_rows(args) -> dict:
-    from semivit.data import build_data
-    from semivit.semi import train_step
-    from semivit.ssl import prob_pseudo_mixup
-    from semivit.stage import build_classifier, make_ema, make_optimizer
+    from semivit.data.sources import build_data
+    from semivit.stages.common import build_classifier, make_ema, make_optimizer
+    from semivit.stages.semi import train_step
+    from semivit.stages.ssl import prob_pseudo_mixup
 
     torch.manual_seed(0)
     n, k = 320, 10

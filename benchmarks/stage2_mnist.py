@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from semivit.config import load_config
-from semivit.layout import MANIFEST, META, METRICS, RunLayout, layout
+from semivit.config.load import load_config
+from semivit.runtime.layout import MANIFEST, META, METRICS, RunLayout, layout
 
 CONFIG = "configs/mnist5k.yaml"
 JUDGE_MODEL = "vit_micro_patch4"  # small enough to train on all 4000 labels in minutes on a CPU
@@ -38,10 +38,10 @@ def phase_stage1(out: Path, overrides: list[str]) -> None:
     cfg = cfg_for(out, "pseudo", *overrides)
     if layout(cfg).pseudo_labels_csv.is_file():
         return
-    from semivit.finetune import run_finetune
-    from semivit.pretrain import run_pretrain
-    from semivit.pseudo_label import run_pseudo_label
-    from semivit.semi import run_semi
+    from semivit.stages.finetune import run_finetune
+    from semivit.stages.pretrain import run_pretrain
+    from semivit.stages.pseudo_label import run_pseudo_label
+    from semivit.stages.semi import run_semi
 
     t = time.time()
     if cfg.model.init != "none":
@@ -62,8 +62,8 @@ def phase_standin_labels(out: Path) -> None:
     import numpy as np
     from sklearn.semi_supervised import LabelSpreading
 
-    from semivit.data import build_data
-    from semivit.split import run_split
+    from semivit.data.run_split import run_split
+    from semivit.data.sources import build_data
 
     bundle = build_data(cfg.data)
     src = bundle.train
@@ -92,7 +92,7 @@ def phase_standin_labels(out: Path) -> None:
 def phase_judge(out: Path, overrides: list[str]) -> None:
     if (RunLayout(out).judge / META).is_file():
         return
-    from semivit.finetune import run_finetune
+    from semivit.stages.finetune import run_finetune
 
     cfg = cfg_for(out, "pseudo", *overrides)  # its stage-0 encoder (if any) initialises the judge, as in the pipeline
     judge = copy.deepcopy(cfg)
@@ -121,7 +121,9 @@ def phase_speed(out: Path, n: int = 100, steps: int = 25, w: float = 2.0) -> dic
     same steps, same batch, same pass-through-sized VAE decode; best of two runs each."""
     from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
-    from dpt.diffusion import Codec, disable_internal_label_dropout, image_noise, load_generator, sample
+    from dpt.diffusion.codec import Codec
+    from dpt.diffusion.model import disable_internal_label_dropout, load_generator
+    from dpt.diffusion.sampling import image_noise, sample
 
     trained, sched_cfg, meta = load_generator(RunLayout(out / "oracle").generator)
     conf = dict(trained.config)
@@ -200,7 +202,7 @@ def svc_class_accuracy(syn: Path) -> tuple[float, float]:
     from sklearn.svm import SVC
 
     from dpt.generate import load_synthetic_source
-    from semivit.data import build_data
+    from semivit.data.sources import build_data
 
     bundle = build_data(load_config(CONFIG).data)
 

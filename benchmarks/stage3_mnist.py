@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpt.generate import run_generate  # noqa: E402
 from dpt.pipeline import run_pipeline  # noqa: E402
 from dpt.retrain import run_retrain  # noqa: E402
-from semivit.config import load_config  # noqa: E402
-from semivit.io import atomic_write_json, pyplot, read_json  # noqa: E402
-from semivit.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
-from semivit.semi import run_semi  # noqa: E402
+from semivit.config.load import load_config  # noqa: E402
+from semivit.files import atomic_write_json, pyplot, read_json  # noqa: E402
+from semivit.runtime.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
+from semivit.stages.semi import run_semi  # noqa: E402
 
 
 def top1(folder: Path) -> float:

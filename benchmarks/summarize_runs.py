@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semivit.layout import RunLayout  # noqa: E402
+from semivit.runtime.layout import RunLayout  # noqa: E402
 
 KEYS = [
     ("supervised_top1", "supervised (MAE + fine-tuning), top-1 %"),

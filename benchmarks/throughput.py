@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semivit.ssl import prob_pseudo_mixup, smooth_one_hot  # noqa: E402
+from semivit.stages.ssl import prob_pseudo_mixup, smooth_one_hot  # noqa: E402
 
 ROWS = "abcdef"
 MU = 5  # unlabeled images per labeled one in the Semi-ViT step
@@ -163,7 +163,7 @@ def adamw_flags(opt) -> dict:
 
 
 def vit_config(small: bool):
-    from semivit.config import ModelConfig
+    from semivit.config.schema import ModelConfig
 
     name = "vit_micro_patch4" if small else "vit_base_patch16_224"
     return ModelConfig(name=name, drop_path=0.1, global_pool="avg", init="none"), (32 if small else 224)
@@ -182,9 +182,9 @@ def ema_update(acc, model, ema, state) -> None:
 
 def _classifier_parts(s: Settings, num_classes: int, ema_warmup: bool):
     """Model, EMA, layer-decay AdamW and schedule exactly as the classifier stages build them."""
-    from semivit.engine import TrainState, warmup_cosine
-    from semivit.models import create_classifier
-    from semivit.stage import make_ema, make_optimizer
+    from semivit.models.classifier import create_classifier
+    from semivit.runtime.accelerator import TrainState, warmup_cosine
+    from semivit.stages.common import make_ema, make_optimizer
 
     mcfg, size = vit_config(s.small)
     model = create_classifier(mcfg, num_classes, size, 3)
@@ -199,7 +199,7 @@ def _classifier_parts(s: Settings, num_classes: int, ema_warmup: bool):
 def vit_finetune(s: Settings) -> Workload:
     """(a) the fine-tuning stage's step: forward + loss under autocast, backward, AdamW with
     layer decay, schedule, EMA."""
-    from semivit.loop import optimizer_update
+    from semivit.runtime.loop import optimizer_update
 
     acc = s.accelerator
     k = 10 if s.small else 1000
@@ -222,11 +222,11 @@ def vit_finetune(s: Settings) -> Workload:
 
 
 def semivit_step(s: Settings) -> Workload:
-    """(b) ``semivit.semi.train_step`` with mu = 5: teacher (EMA) on the weak views, pseudo mixup of
+    """(b) ``semivit.stages.semi.train_step`` with mu = 5: teacher (EMA) on the weak views, pseudo mixup of
     the strong views, student forward on labeled + mixed strong views; backward, AdamW, EMA."""
-    from semivit.config import SemiConfig
-    from semivit.loop import optimizer_update
-    from semivit.semi import train_step
+    from semivit.config.schema import SemiConfig
+    from semivit.runtime.loop import optimizer_update
+    from semivit.stages.semi import train_step
 
     acc = s.accelerator
     k = 10 if s.small else 1000
@@ -257,9 +257,9 @@ def mae_pretrain(s: Settings) -> Workload:
     """(c) the MAE stage's step (75 % masking; the paper's 512-wide, 8-block decoder at full size)."""
     from timm.optim import create_optimizer_v2
 
-    from semivit.config import PretrainConfig
-    from semivit.engine import warmup_cosine
-    from semivit.mae import create_mae
+    from semivit.config.schema import PretrainConfig
+    from semivit.models.mae import create_mae
+    from semivit.runtime.accelerator import warmup_cosine
 
     acc = s.accelerator
     mcfg, size = vit_config(s.small)
@@ -290,7 +290,7 @@ def mae_pretrain(s: Settings) -> Workload:
 
 
 def dit_config(small: bool):
-    from semivit.config import DiffusionConfig
+    from semivit.config.schema import DiffusionConfig
 
     if small:
         return DiffusionConfig(model="dit", patch_size=2, hidden_size=64, depth=2, num_heads=2), 8
@@ -311,8 +311,9 @@ def dit_train(s: Settings) -> Workload:
     import torch.nn.functional as F
     from diffusers.training_utils import EMAModel
 
-    from dpt.diffusion import build_denoiser, denoiser_forward, drop_labels, make_noise_scheduler, training_target
-    from semivit.engine import warmup_cosine
+    from dpt.diffusion.model import build_denoiser, denoiser_forward, drop_labels
+    from dpt.diffusion.sampling import make_noise_scheduler, training_target
+    from semivit.runtime.accelerator import warmup_cosine
 
     acc = s.accelerator
     dcfg, size = dit_config(s.small)
@@ -351,7 +352,8 @@ def dit_train(s: Settings) -> Workload:
 
 
 def _sampling_parts(s: Settings):
-    from dpt.diffusion import build_denoiser, make_noise_scheduler
+    from dpt.diffusion.model import build_denoiser
+    from dpt.diffusion.sampling import make_noise_scheduler
 
     dcfg, size = dit_config(s.small)
     model = build_denoiser(dcfg, DIT_CLASSES, 4, size).to(s.device).eval()
@@ -363,7 +365,7 @@ def _sampling_parts(s: Settings):
 
 def dit_sample(s: Settings, parts) -> Workload:
     """(e) ``dpt.diffusion.sample``: DPM-Solver++, 25 steps, guidance w = 4 (doubled batch)."""
-    from dpt.diffusion import make_sampler, sample
+    from dpt.diffusion.sampling import make_sampler, sample
 
     model, noise_scheduler, noise, labels = parts
     sampler = make_sampler(noise_scheduler.config, "dpmsolver++")
@@ -392,7 +394,7 @@ def dit_pipeline(s: Settings, parts) -> Workload:
     """(e') diffusers' DiTPipeline loop on the same weights, scheduler kind, steps and guidance."""
     from diffusers import DiTPipeline
 
-    from dpt.diffusion import make_sampler
+    from dpt.diffusion.sampling import make_sampler
 
     model, noise_scheduler, noise, labels = parts
     pipe = DiTPipeline(transformer=model, vae=tiny_vae(s.device), scheduler=make_sampler(noise_scheduler.config, "dpmsolver++"))

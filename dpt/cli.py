@@ -13,10 +13,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from semivit.config import load_config
-from semivit.errors import run_cli
-from semivit.layout import MANIFEST, layout
-from semivit.runlock import lock_folder, run_lock
+from semivit.config.load import load_config
+from semivit.runtime.command import run_cli
+from semivit.runtime.layout import MANIFEST, layout
+from semivit.runtime.lock import lock_folder, run_lock
 
 
 def _train_diffusion(cfg):

@@ -17,11 +17,11 @@ from torchvision import transforms as T
 
 from dpt.errors import DPTClassMismatchError, DPTError
 from dpt.generate import load_synthetic_source, read_manifest
-from semivit.checks import check_known_classes
-from semivit.config import Config
-from semivit.data import IMAGE_EXTENSIONS, FileSource, ImageSource, build_data
-from semivit.io import atomic_write_json
-from semivit.layout import FID, MANIFEST, layout
+from semivit.config.schema import Config
+from semivit.data.sources import IMAGE_EXTENSIONS, FileSource, ImageSource, build_data
+from semivit.files import atomic_write_json
+from semivit.runtime.layout import FID, MANIFEST, layout
+from semivit.stages.class_checks import check_known_classes
 
 logger = logging.getLogger("dpt")
 
@@ -89,7 +89,7 @@ class ClassifierFeatures(torch.nn.Module):
 
     def __init__(self, folder: str | Path):
         super().__init__()
-        from semivit.models import load_classifier
+        from semivit.models.classifier import load_classifier
 
         folder = Path(folder)
         self.model, self.meta = load_classifier(folder)
@@ -141,7 +141,7 @@ class InceptionFeatures(torch.nn.Module):
 def read_inception_weights(path: str | Path) -> dict:
     """The Inception state dict, read without running code (torch weights_only=True or safetensors)."""
     from semivit.errors import WeightsError
-    from semivit.io import load_weights
+    from semivit.files import load_weights
 
     try:
         state = load_weights(path)
@@ -331,7 +331,7 @@ def _per_class(real_src, fake_src, real, fake) -> dict:
 def synthetic_class_accuracy(classifier_dir: str | Path, synthetic_dir: str | Path, batch_size: int = 250) -> dict:
     """Share of generated images that the classifier assigns to the class they were generated for,
     overall and per class (class names of the manifest matched to the classifier's classes)."""
-    from semivit.models import load_classifier
+    from semivit.models.classifier import load_classifier
 
     try:
         model, meta = load_classifier(classifier_dir)

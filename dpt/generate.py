@@ -22,23 +22,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpt.diffusion import (
-    AMP_DTYPES,
-    Codec,
-    image_noise,
-    image_seed,
-    load_generator,
-    load_vae,
-    make_sampler,
-    read_generator_files,
-    sample,
-)
+from dpt.diffusion.codec import Codec, load_vae
+from dpt.diffusion.model import load_generator, read_generator_files
+from dpt.diffusion.sampling import AMP_DTYPES, image_noise, image_seed, make_sampler, sample
 from dpt.errors import DPTClassMismatchError, DPTError
-from semivit.checks import check_known_classes, check_same_classes, data_class_names, data_description
-from semivit.config import Config, DataConfig
-from semivit.data import FileSource
-from semivit.io import atomic_path, atomic_write_json
-from semivit.layout import GRID, MANIFEST, METRICS, layout
+from semivit.config.schema import Config, DataConfig
+from semivit.data.sources import FileSource
+from semivit.files import atomic_path, atomic_write_json
+from semivit.runtime.layout import GRID, MANIFEST, METRICS, layout
+from semivit.stages.class_checks import check_known_classes, check_same_classes, data_class_names, data_description
 
 logger = logging.getLogger("dpt")
 
@@ -154,7 +146,7 @@ def check_generator_fits(cfg: Config, model_dir: Path, meta: dict, sched_config,
 
 
 def run_generate(cfg: Config, check_data: bool | None = None) -> Path:
-    from semivit.engine import make_accelerator
+    from semivit.runtime.accelerator import make_accelerator
 
     gcfg = cfg.generate
     if gcfg.num_per_class < 0:

@@ -19,16 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from semivit.config import Config, ConfigError, read_saved_config, to_dict
-from semivit.engine import distributed_state
-from semivit.io import atomic_write_json, read_json
-from semivit.layout import CONFIG, METRICS, RELATIVE, layout, previous_copy
+from dpt.state import _load_state, _state_file
+from semivit.config.load import read_saved_config
+from semivit.config.schema import Config, to_dict
+from semivit.errors import ConfigError
+from semivit.files import atomic_write_json, read_json
+from semivit.runtime.accelerator import distributed_state
+from semivit.runtime.layout import CONFIG, METRICS, RELATIVE, layout, previous_copy
 
 logger = logging.getLogger("dpt")
 
 # the keys that draw the labeled split: stages that see no label (MAE) or every label (the judge)
 # ignore them, so a run with another label count keeps its stage 0 and its judge
 _SPLIT_KEYS = ("labels_per_class", "label_percent", "label_csv")
+
 # Settings added after runs existed: at the value that behaves as before they existed they stay
 # out of the fingerprint, so upgrading does not rerun finished stages (key -> settings it covers)
 _ADDED_OFF = {
@@ -78,10 +82,9 @@ def _lazy(module: str, name: str) -> Callable[[Config], object]:
 
 
 def _run_judge(cfg):
-    from semivit.finetune import run_finetune
+    from semivit.stages.finetune import run_finetune
 
     return run_finetune(_judge_config(cfg), out_dir=layout(cfg).judge, use_run_split=False)
-
 
 STAGES: list[Stage] = [
     Stage(
@@ -90,7 +93,7 @@ STAGES: list[Stage] = [
         str(RELATIVE.encoder),
         str(RELATIVE.stage0),
         (),
-        _lazy("semivit.pretrain", "run_pretrain"),
+        _lazy("semivit.stages.pretrain", "run_pretrain"),
         enabled=lambda cfg: cfg.model.init == "auto",  # a given init (a path, or none) needs no stage 0
         split_free=True,
     ),
@@ -100,7 +103,7 @@ STAGES: list[Stage] = [
         str(RELATIVE.finetune / METRICS),
         str(RELATIVE.finetune),
         ("pretrain",),
-        _lazy("semivit.finetune", "run_finetune"),
+        _lazy("semivit.stages.finetune", "run_finetune"),
     ),
     Stage(
         "semi",
@@ -108,7 +111,7 @@ STAGES: list[Stage] = [
         str(RELATIVE.semi / METRICS),
         str(RELATIVE.semi),
         ("finetune",),
-        _lazy("semivit.semi", "run_semi"),
+        _lazy("semivit.stages.semi", "run_semi"),
     ),
     Stage(
         "pseudo-label",
@@ -116,7 +119,7 @@ STAGES: list[Stage] = [
         str(RELATIVE.pseudo_labels_csv),
         "",
         ("semi",),
-        _lazy("semivit.pseudo_label", "run_pseudo_label"),
+        _lazy("semivit.stages.pseudo_label", "run_pseudo_label"),
     ),
     Stage(
         "judge",
@@ -156,6 +159,7 @@ STAGES: list[Stage] = [
     ),
     Stage("report", ("fid",), str(RELATIVE.summary), "", ("retrain", "judge", "generate"), _lazy("dpt.report", "run_report")),
 ]
+
 STAGE_NAMES = [s.name for s in STAGES]
 
 
@@ -168,15 +172,6 @@ def fingerprint(cfg: Config, stage: Stage, configured: bool = False) -> str:
         if section in relevant and relevant[section].get(key) == off:
             relevant[section] = {k: v for k, v in relevant[section].items() if k not in keys}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _state_file(cfg: Config) -> Path:
-    return layout(cfg).pipeline_state
-
-
-def _load_state(cfg: Config) -> dict:
-    path = _state_file(cfg)
-    return read_json(path) if path.is_file() else {}
 
 
 def plan(cfg: Config, start: str | None = None, until: str | None = None) -> list[tuple[Stage, str]]:
@@ -236,7 +231,6 @@ def _recorded_fingerprint(cfg: Config, stage: Stage, record: dict) -> str | None
 
 def _by_name(name: str) -> Stage:
     return next(s for s in STAGES if s.name == name)
-
 
 STAGING = str(RELATIVE.staging)  # generation with new settings, while the finished images stay in place
 
@@ -312,7 +306,7 @@ def preflight(cfg: Config, todo: list[tuple[Stage, str]]) -> None:
     """Check every file the stages to run will need before the first one starts, so a missing
     VAE or Inception file is reported in seconds, not after hours of training."""
     from dpt.errors import DPTError
-    from semivit.checks import data_class_names
+    from semivit.stages.class_checks import data_class_names
 
     names = {s.name for s, _ in todo}
     if names & {"pretrain", "finetune", "semi", "pseudo-label", "judge", "train-diffusion", "retrain", "report"}:
@@ -391,13 +385,3 @@ def format_stage_table(cfg: Config, ran: set[str]) -> str:
         sec, host, gpu = ("-" if c is None else f"{c:g}" for c in cells)
         lines.append(f"{stage.name:<16} {when:<8} {sec:>9} {host:>13} {gpu:>12}")
     return "\n".join(lines)
-
-
-def stage_seconds(cfg: Config) -> dict:
-    return {k: v.get("seconds") for k, v in _load_state(cfg).items() if isinstance(v, dict)}
-
-
-def stage_resources(cfg: Config) -> dict:
-    """Seconds and peak memory of every stage that ran (pipeline.json)."""
-    keys = ("seconds", "peak_host_gb", "peak_gpu_gb")
-    return {k: {x: v[x] for x in keys if x in v} for k, v in _load_state(cfg).items() if isinstance(v, dict)}

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semivit.config import Config
-from semivit.data import ImageSource, ViewDataset, build_transforms
-from semivit.engine import make_accelerator
-from semivit.evaluate import accuracy_metrics, make_test_loader, predict
-from semivit.io import atomic_path, atomic_write_json, pyplot
-from semivit.layout import CONFIG, LABEL_SPLIT, METRICS
-from semivit.models import classifier_meta, save_classifier
-from semivit.stage import build_classifier, make_loader
+from semivit.config.schema import Config
+from semivit.data.sources import ImageSource
+from semivit.data.views import ViewDataset, build_transforms
+from semivit.files import atomic_path, atomic_write_json, pyplot
+from semivit.models.classifier import classifier_meta, save_classifier
+from semivit.runtime.accelerator import make_accelerator
+from semivit.runtime.layout import CONFIG, LABEL_SPLIT, METRICS
+from semivit.stages.common import build_classifier, make_loader
+from semivit.stages.evaluate import accuracy_metrics, make_test_loader, predict
 
 logger = logging.getLogger("dpt")
 
@@ -162,8 +163,8 @@ def run_probe(cfg: Config, bundle, out: Path, init: str, labeled_idx: np.ndarray
     }
     logger.info("probe (L2 %g, %d training images, %d features): top1 %.2f", l2, len(yt), x_real.shape[1], m["top1"])
     if accelerator.is_main_process:
-        from semivit.config import save_config
-        from semivit.data import save_label_split
+        from semivit.config.load import save_config
+        from semivit.data.split import save_label_split
 
         save_classifier(out, vit, None, classifier_meta(cfg, bundle))
         save_label_split(out / LABEL_SPLIT, labeled_idx, bundle.train)

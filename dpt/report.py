@@ -10,9 +10,10 @@ import copy
 import logging
 from pathlib import Path
 
-from semivit.config import Config, ConfigError
-from semivit.io import atomic_path, atomic_write_json, atomic_write_text, pyplot, read_json
-from semivit.layout import CURVES, GRID, META, METRICS, RELATIVE, layout
+from semivit.config.schema import Config
+from semivit.errors import ConfigError
+from semivit.files import atomic_path, atomic_write_json, atomic_write_text, pyplot, read_json
+from semivit.runtime.layout import CURVES, GRID, META, METRICS, RELATIVE, layout
 
 logger = logging.getLogger("dpt")
 
@@ -79,8 +80,8 @@ def _results_plot(summary: dict, path: Path) -> None:
 
 def run_report(cfg: Config) -> dict:
     from dpt.fid import run_fid, synthetic_class_accuracy
-    from dpt.pipeline import stage_resources, stage_seconds
-    from semivit.engine import distributed_state
+    from dpt.state import stage_resources, stage_seconds
+    from semivit.runtime.accelerator import distributed_state
 
     run, paths = cfg.run_dir, layout(cfg)
     synthetic = Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else paths.synthetic

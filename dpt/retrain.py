@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from dpt.errors import DPTError
-from semivit.config import Config, ConfigError
-from semivit.data import ImageSource, build_data
-from semivit.layout import MANIFEST, layout
+from semivit.config.schema import Config
+from semivit.data.sources import ImageSource, build_data
+from semivit.errors import ConfigError
+from semivit.runtime.layout import MANIFEST, layout
 
 logger = logging.getLogger("dpt")
 
@@ -52,7 +53,7 @@ def resolve_init(cfg: Config) -> str:
 
 def check_init_classes(init: str, classes: list[str], cfg: Config) -> None:
     from dpt.errors import DPTClassMismatchError
-    from semivit.checks import check_classifier_classes
+    from semivit.stages.class_checks import check_classifier_classes
 
     check_classifier_classes(
         init, classes, cfg.data, "retrain.init classifier",
@@ -106,11 +107,11 @@ def stage1_confidence(cfg: Config, bundle, source: ImageSource) -> np.ndarray:
     image's label."""
     import torch
 
-    from semivit.data import ViewDataset, build_transforms
-    from semivit.engine import make_accelerator
-    from semivit.evaluate import predict
-    from semivit.models import load_classifier
-    from semivit.stage import make_loader
+    from semivit.data.views import ViewDataset, build_transforms
+    from semivit.models.classifier import load_classifier
+    from semivit.runtime.accelerator import make_accelerator
+    from semivit.stages.common import make_loader
+    from semivit.stages.evaluate import predict
 
     folder = layout(cfg).semi
     if not (folder / "meta.json").is_file():
@@ -132,7 +133,7 @@ def extra_images(cfg: Config, bundle, unlabeled: np.ndarray) -> tuple[ImageSourc
     """The extra labeled images of stage 3 (``retrain.source``) and a summary of them."""
     from dpt.generate import load_synthetic_source
     from dpt.train_diffusion import read_labels_csv
-    from semivit.data import take
+    from semivit.data.sources import take
 
     rc = cfg.retrain
     info: dict = {"source": rc.source, "filter_conf": rc.filter_conf}
@@ -196,9 +197,9 @@ def extra_images(cfg: Config, bundle, unlabeled: np.ndarray) -> tuple[ImageSourc
 
 def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
     """Stage 3 in the mode and with the extra images the ``retrain`` settings name."""
-    from semivit.finetune import run_finetune
-    from semivit.semi import run_semi
-    from semivit.split import run_split
+    from semivit.data.run_split import run_split
+    from semivit.stages.finetune import run_finetune
+    from semivit.stages.semi import run_semi
 
     rc = cfg.retrain
     if rc.source == "synthetic":

@@ -19,26 +19,21 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from dpt.diffusion import (
-    Codec,
-    build_denoiser,
-    denoiser_forward,
-    drop_labels,
+from dpt.diffusion.codec import Codec, load_vae, model_space
+from dpt.diffusion.model import build_denoiser, denoiser_forward, drop_labels, save_generator
+from dpt.diffusion.sampling import (
     image_noise,
-    load_vae,
     loss_weights,
     make_noise_scheduler,
     make_sampler,
-    model_space,
     sample,
-    save_generator,
     training_target,
 )
 from dpt.errors import DPTError
-from semivit.config import Config
-from semivit.data import ImageSource, build_data
-from semivit.layout import SAMPLES, layout
-from semivit.loop import Trainer
+from semivit.config.schema import Config
+from semivit.data.sources import ImageSource, build_data
+from semivit.runtime.layout import SAMPLES, layout
+from semivit.runtime.loop import Trainer
 
 logger = logging.getLogger("dpt")
 
@@ -222,7 +217,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from semivit.io import atomic_path
+    from semivit.files import atomic_path
 
     grid = make_grid(images, nrow=nrow, padding=1, pad_value=255)
     arr = grid.permute(1, 2, 0).numpy()
@@ -297,7 +292,7 @@ def run_train_diffusion(cfg: Config) -> Path:
     )
     latents = None
     if vae is not None and dcfg.cache_latents:
-        from dpt.latents import load_or_build_latents
+        from dpt.diffusion.latents import load_or_build_latents
 
         latents = load_or_build_latents(
             layout(cfg).latents, bundle.train, labels.indices, codec.vae, image_size, bundle.channels,

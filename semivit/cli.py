@@ -13,10 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from semivit.config import ConfigError, load_config
-from semivit.errors import run_cli
-from semivit.layout import layout
-from semivit.runlock import run_lock
+from semivit.config.load import load_config
+from semivit.errors import ConfigError
+from semivit.runtime.command import run_cli
+from semivit.runtime.layout import layout
+from semivit.runtime.lock import run_lock
 
 COMMANDS = {
     "pretrain": "stage 0: MAE self-pre-training of the encoder on all training images",
@@ -41,26 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(command: str, cfg):
     if command == "pretrain":
-        from semivit.pretrain import run_pretrain
+        from semivit.stages.pretrain import run_pretrain
 
         return run_pretrain(cfg)
     if command == "finetune":
-        from semivit.finetune import run_finetune
+        from semivit.stages.finetune import run_finetune
 
         return run_finetune(cfg)
     if command == "semi":
-        from semivit.semi import run_semi
+        from semivit.stages.semi import run_semi
 
         return run_semi(cfg)
     if command == "evaluate":
-        from semivit.evaluate import run_evaluate
+        from semivit.stages.evaluate import run_evaluate
 
         checkpoint = cfg.checkpoint or str(layout(cfg).semi)
         metrics = run_evaluate(cfg, checkpoint)
         print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("per_class")}, indent=2))
         return metrics
     if command == "pseudo-label":
-        from semivit.pseudo_label import run_pseudo_label
+        from semivit.stages.pseudo_label import run_pseudo_label
 
         return run_pseudo_label(cfg)
     raise ConfigError(f"unknown command '{command}'")

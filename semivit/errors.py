@@ -1,36 +1,23 @@
-"""Error types a user can fix, and the one error policy of both command lines (``semivit``, ``dpt``).
+"""Every error this project raises on purpose, in one class hierarchy with no imports of its own.
 
-Policy, applied by :func:`run_cli`:
-
-* user errors end with one line ``<prog> <command>: error: <message>`` on stderr and exit code 2:
-  settings (:class:`~semivit.config.ConfigError`), data (``DataError``), files, weights, class
-  lists and run locks (:class:`UserError` and its kinds, ``DPTError``), files and folders the
-  operating system refuses (``OSError``: missing, unwritable, disk full), a non-finite loss
-  (``FloatingPointError``), running out of memory, and a ``ValueError`` raised by this project's
-  own code (its messages are written for the user);
-* ``stop_after_epoch`` ends with one line and exit code 0; Ctrl-C with one line and exit code 130;
-* anything else is a bug (an exception raised inside torch, timm, diffusers ... that validation
-  did not foresee, an assertion, a ``KeyError``): the traceback stays, followed by one line that
-  says so, exit code 1;
-* ``--debug`` or ``DPT_DEBUG=1`` prints the traceback for user errors too.
+The command lines (``semivit.runtime.command.run_cli``) sort exceptions by these classes alone:
+a :class:`UserError` (and its kinds) is input the user can fix, :class:`StopRequested` is a planned
+stop, anything else is a bug.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
-from collections.abc import Callable
-from pathlib import Path
-
-EXIT_USER_ERROR = 2
-EXIT_BUG = 1
-EXIT_INTERRUPTED = 130
-_OWN_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / pkg) + os.sep for pkg in ("semivit", "dpt"))
-
 
 class UserError(ValueError):
     """Input the user can fix; the message names the file or setting and the fix."""
+
+
+class ConfigError(UserError):
+    """A setting is unknown, has the wrong type, or a config file cannot be read."""
+
+
+class DataError(UserError):
+    """The data on disk, or a split file, does not match what the config asks for."""
 
 
 class WeightsError(UserError):
@@ -39,6 +26,10 @@ class WeightsError(UserError):
 
 class FileFormatError(UserError):
     """A file of this project (JSON metadata, a CSV) is damaged or lacks what it should hold."""
+
+
+class CheckpointError(UserError):
+    """A file of a checkpoint could not be read safely."""
 
 
 class ClassMismatchError(UserError):
@@ -53,126 +44,13 @@ class OutputDirError(UserError):
     """The run folder cannot be created or written."""
 
 
-def debug_requested(flag: bool = False) -> bool:
-    return bool(flag) or os.environ.get("DPT_DEBUG", "").strip().lower() in ("1", "true", "yes")
+class PseudoLabelCollapse(UserError):
+    """The semi stage's confident pseudo-labels cover too few classes (``semi.stop_on_collapse``)."""
 
 
-def run_cli(prog: str, command: str, body: Callable[[], object], debug: bool = False) -> int:
-    """Run one command under the error policy above; returns the exit code."""
-    ok = False
-    try:
-        body()
-        ok = True
-        return 0
-    except KeyboardInterrupt:
-        _say(prog, command, "interrupted; run the same command again to continue from the last saved state")
-        return EXIT_INTERRUPTED
-    except BaseException as e:  # noqa: BLE001 - sorted into user errors and bugs below
-        if isinstance(e, SystemExit):
-            raise
-        if _is_stop(e):
-            _say(prog, command, str(e))
-            ok = True
-            return 0
-        if is_user_error(e):
-            if debug_requested(debug):
-                traceback.print_exc()
-            _say(prog, command, "error: " + error_message(e))
-            return EXIT_USER_ERROR
-        traceback.print_exc()
-        _say(
-            prog,
-            command,
-            f"internal error ({type(e).__name__}, a bug rather than your input): please report it with the "
-            "traceback above",
-        )
-        return EXIT_BUG
-    finally:
-        _leave_process_group(ok)
+class NonFiniteLoss(FloatingPointError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _say(prog: str, command: str, text: str) -> None:
-    print(f"{prog} {command}: {text}", file=sys.stderr, flush=True)
-
-
-def _leave_process_group(ok: bool) -> None:
-    if "torch" in sys.modules:  # no torch, no process group (and no slow import for an error)
-        from semivit.engine import leave_process_group
-
-        leave_process_group(ok)
-
-
-def _is_stop(e: BaseException) -> bool:
-    stage = sys.modules.get("semivit.stage")
-    return stage is not None and isinstance(e, stage.StopRequested)
-
-
-def _known_user_types() -> tuple[type, ...]:
-    """The user-error classes of modules already imported (a module never imported raised nothing)."""
-    types_: list[type] = [UserError, FloatingPointError, MemoryError]
-    for module, name in (("semivit.config", "ConfigError"), ("semivit.data", "DataError"), ("dpt.errors", "DPTError")):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            types_.append(getattr(mod, name))
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "OutOfMemoryError"):
-        types_.append(torch.OutOfMemoryError)
-    return tuple(types_)
-
-
-def is_user_error(e: BaseException) -> bool:
-    if isinstance(e, _known_user_types()):
-        return True
-    if isinstance(e, OSError):  # files and folders: missing, not writable, disk full, not a folder
-        return True
-    if isinstance(e, RuntimeError) and "semi.stop_on_collapse" in str(e):
-        return True  # the collapse guard of the semi stage, a decision of the user's settings
-    return isinstance(e, ValueError) and _raised_by_own_code(e)
-
-
-def _raised_by_own_code(e: BaseException) -> bool:
-    """True when the innermost frame of the traceback is in this project's packages."""
-    tb = e.__traceback__
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(_OWN_PACKAGES)
-
-
-def error_message(e: BaseException) -> str:
-    """The first line of the message, with what the exception type adds when it says more."""
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return (
-            "out of memory: lower the batch size of the running stage (e.g. semi.batch_size, "
-            "diffusion.batch_size, generate.batch_size) or use amp=bf16"
-        )
-    if isinstance(e, OSError) and not isinstance(e, UserError):
-        return _os_error_message(e)
-    text = _unwrap_worker_message(str(e).strip())
-    if isinstance(e, KeyError) or not text:
-        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    first = text.splitlines()[0]
-    return first if first == text else first + " (--debug shows the rest)"
-
-
-def _unwrap_worker_message(text: str) -> str:
-    """An error raised in a DataLoader worker comes back as ``Caught X in DataLoader worker ...``
-    followed by the worker's traceback; its last line holds the message that matters."""
-    if not (text.startswith("Caught ") and "Original Traceback" in text):
-        return text
-    last = text.splitlines()[-1].strip()
-    head, sep, message = last.partition(": ")
-    return message if sep and " " not in head else last
-
-
-def _os_error_message(e: OSError) -> str:
-    """``[Errno 13] Permission denied: 'x'`` -> ``cannot use 'x': permission denied``."""
-    if e.filename is None:
-        return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-    reason = (e.strerror or type(e).__name__).rstrip(".")
-    reason = reason[:1].lower() + reason[1:]
-    target = f"'{e.filename}'" + (f" -> '{e.filename2}'" if e.filename2 else "")
-    if isinstance(e, FileNotFoundError):
-        return f"{target} not found; check the path in the config or override"
-    return f"cannot use {target}: {reason}"
+class StopRequested(RuntimeError):
+    """Raised when ``stop_after_epoch`` is reached: the run ends as if interrupted, resumable."""

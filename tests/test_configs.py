@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from semivit.config import ConfigError, load_config
+from semivit.config.load import load_config
+from semivit.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

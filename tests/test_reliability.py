@@ -88,8 +88,8 @@ def imagefolder_args(root: Path) -> list[str]:
 
 
 def classifier(folder: Path, classes: list[str], channels: int = 3, model: str = "vit_micro_patch4") -> Path:
-    from semivit.config import ModelConfig
-    from semivit.models import create_classifier, save_classifier
+    from semivit.config.schema import ModelConfig
+    from semivit.models.classifier import create_classifier, save_classifier
 
     net = create_classifier(ModelConfig(name=model, drop_path=0.0), len(classes), 8, channels)
     meta = {"classes": classes, "channels": channels, "image_size": 8, "mean": [0.5] * channels,
@@ -99,8 +99,9 @@ def classifier(folder: Path, classes: list[str], channels: int = 3, model: str =
 
 
 def generator(folder: Path, classes: list[str]) -> Path:
-    from dpt.diffusion import build_denoiser, make_noise_scheduler, save_generator
-    from semivit.config import DiffusionConfig
+    from dpt.diffusion.model import build_denoiser, save_generator
+    from dpt.diffusion.sampling import make_noise_scheduler
+    from semivit.config.schema import DiffusionConfig
 
     dcfg = DiffusionConfig(patch_size=2, hidden_size=16, depth=1, num_heads=2, num_train_timesteps=50)
     net = build_denoiser(dcfg, len(classes), channels=1, sample_size=8)
@@ -407,9 +408,9 @@ def _bare_dict(t: Path) -> Path:
 
 
 def _other_vit(t: Path) -> Path:
-    from semivit.config import ModelConfig
-    from semivit.io import save_weights
-    from semivit.models import create_classifier
+    from semivit.config.schema import ModelConfig
+    from semivit.files import save_weights
+    from semivit.models.classifier import create_classifier
 
     net = create_classifier(ModelConfig(name="vit_mini_patch4"), 10, 8, 1)
     save_weights(net.state_dict(), t / "mini.safetensors")
@@ -417,7 +418,7 @@ def _other_vit(t: Path) -> Path:
 
 
 def _encoder_file(t: Path) -> Path:
-    from semivit.io import save_weights
+    from semivit.files import save_weights
 
     save_weights({"w": torch.zeros(1)}, _mkdir(t / "enc") / "encoder.safetensors")
     return t / "enc" / "encoder.safetensors"
@@ -526,7 +527,7 @@ def test_inception_features_from_a_safe_file(tmp_path):
 
 
 def test_an_error_in_a_data_loader_worker_shows_the_workers_message():
-    from semivit.errors import error_message
+    from semivit.runtime.command import error_message
 
     class DataError(ValueError):
         pass
@@ -547,7 +548,7 @@ def _settings() -> dict[str, type]:
     import dataclasses
     import typing
 
-    from semivit.config import Config
+    from semivit.config.schema import Config
 
     out: dict[str, type] = {}
 
@@ -565,10 +566,10 @@ def _settings() -> dict[str, type]:
 
 
 def test_every_numeric_and_text_setting_has_a_rule():
-    from semivit.config import _RULES, FREE_TEXT
+    from semivit.config.schema import _RULES, FREE_TEXT
 
     unruled = [k for k, t in _settings().items() if t in (int, float, str) and k not in _RULES and k not in FREE_TEXT]
-    assert not unruled, f"add a range or choices to semivit.config._RULES (or FREE_TEXT) for {unruled}"
+    assert not unruled, f"add a range or choices to semivit.config.schema._RULES (or FREE_TEXT) for {unruled}"
 
 
 def _bad_value(spec):
@@ -582,7 +583,9 @@ def _bad_value(spec):
 
 
 def test_every_rule_rejects_a_value_outside_it():
-    from semivit.config import _RULES, ConfigError, load_config
+    from semivit.config.load import load_config
+    from semivit.config.schema import _RULES
+    from semivit.errors import ConfigError
 
     for key, spec in _RULES.items():
         bad = _bad_value(spec)

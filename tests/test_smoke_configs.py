@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from semivit.config import Config, load_config, to_dict
-from semivit.smoke import (
+from semivit.config.load import load_config
+from semivit.config.schema import Config, to_dict
+from semivit.config.smoke import (
     SMOKE_BATCH,
     SMOKE_GENERATE_PER_CLASS,
     SMOKE_SAMPLER_STEPS,
@@ -128,7 +129,7 @@ def test_apply_smoke_shrinks_the_work(path):
     ],
 )
 def test_every_class_keeps_unlabeled_images(labels, expected):
-    from semivit.data import draw_label_split
+    from semivit.data.split import draw_label_split
 
     _, s = _smoke(ROOT / "configs" / "tiny.yaml", *labels)
     n = s.data.max_train_per_class
@@ -177,8 +178,8 @@ def test_smoke_overrides_reproduce_apply_smoke():
 
 
 def test_standin_imagefolder_is_an_imagefolder_data_set(rgb_imagefolder):
-    from semivit.config import DataConfig
-    from semivit.data import build_data
+    from semivit.config.schema import DataConfig
+    from semivit.data.sources import build_data
 
     bundle = build_data(DataConfig(name="imagefolder", root=str(rgb_imagefolder), image_size=48))
     assert bundle.classes == ["a", "b", "c"] and bundle.channels == 3
@@ -189,7 +190,7 @@ def test_standin_imagefolder_is_an_imagefolder_data_set(rgb_imagefolder):
 
 
 def test_standin_vae_loads_as_the_sd_vae(sd_vae):
-    from dpt.diffusion import Codec, load_vae, model_space
+    from dpt.diffusion.codec import Codec, load_vae, model_space
 
     vae = load_vae(str(sd_vae))
     assert tuple(vae.config.block_out_channels) == (128, 256, 512, 512)
@@ -212,8 +213,8 @@ def test_standin_inception_gives_2048_features(inception_weights):
 
 
 def test_standin_mae_checkpoint_loads_into_the_classifier(mae_checkpoint):
-    from semivit.config import ModelConfig
-    from semivit.models import create_classifier, load_encoder_weights
+    from semivit.config.schema import ModelConfig
+    from semivit.models.classifier import create_classifier, load_encoder_weights
 
     model = create_classifier(ModelConfig(name="vit_small_patch16_224"), 3, 224, 3)
     report = load_encoder_weights(model, mae_checkpoint("vit_small_patch16_224"))
@@ -288,7 +289,7 @@ def test_shipped_config_runs_end_to_end_in_smoke_mode(
 
 
 def test_smoke_never_writes_into_a_real_runs_folder():
-    from semivit.smoke import smoke_output_dir
+    from semivit.config.smoke import smoke_output_dir
 
     assert smoke_output_dir("runs/cifar") == "runs/cifar_smoke"
     assert smoke_output_dir("runs/cifar_smoke") == "runs/cifar_smoke"

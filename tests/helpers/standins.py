@@ -130,7 +130,7 @@ def make_mae_checkpoint(path: str | Path, model_name: str, image_size: int = 224
     ``model_name`` (no head, random weights) plus decoder tensors, as MAE's released files have."""
     import timm
 
-    import semivit.models  # noqa: F401 - registers this project's small ViTs with timm
+    import semivit.models.classifier  # noqa: F401 - registers this project's small ViTs with timm
 
     torch.manual_seed(seed)
     encoder = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size)

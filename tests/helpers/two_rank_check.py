@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from semivit.cli import main as cli_main
-from semivit.config import load_config
-from semivit.data import TwoViewDataset, ViewDataset, build_data, build_transforms
-from semivit.engine import make_accelerator
-from semivit.evaluate import run_evaluate
-from semivit.semi import train_step
-from semivit.split import run_split
-from semivit.stage import build_classifier, make_ema, make_loader, make_optimizer
+from semivit.config.load import load_config
+from semivit.data.run_split import run_split
+from semivit.data.sources import build_data
+from semivit.data.views import TwoViewDataset, ViewDataset, build_transforms
+from semivit.runtime.accelerator import make_accelerator
+from semivit.stages.common import build_classifier, make_ema, make_loader, make_optimizer
+from semivit.stages.evaluate import run_evaluate
+from semivit.stages.semi import train_step
 
 
 def main():
@@ -77,9 +78,9 @@ def training_draws(cfg, out, bundle, tf) -> dict:
     import numpy as np
     from torch.utils.data import TensorDataset
 
-    from dpt.diffusion import image_noise, image_seed
-    from semivit.loop import Trainer
-    from semivit.ssl import prob_pseudo_mixup
+    from dpt.diffusion.sampling import image_noise, image_seed
+    from semivit.runtime.loop import Trainer
+    from semivit.stages.ssl import prob_pseudo_mixup
 
     trainer = Trainer(cfg, "draws", out / "draws", sections=())
     model = torch.nn.Linear(2, 1)

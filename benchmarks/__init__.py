@@ -1,0 +1,1 @@
+"""Long measurements (accuracy, speed, memory), run as ``python -m benchmarks.<script>``; see README.md here."""

@@ -1,0 +1,263 @@
+"""ViT classifiers (timm), small ViTs for small images, and encoder-weight loading.
+
+Small ViTs are registered in timm's registry, so ``timm.create_model("vit_mini_patch4")`` and any
+timm ViT name go through the same path. Nothing is ever downloaded: weights come from local files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from semivit.config.schema import Config, ModelConfig
+from semivit.errors import ConfigError, FileFormatError, WeightsError
+from semivit.files import load_weights, save_weights
+from semivit.runtime.layout import EMA_WEIGHTS, ENCODER_WEIGHTS, META, WEIGHTS
+
+logger = logging.getLogger(__name__)
+
+# name -> (embed_dim, depth, num_heads, patch_size); image size and channels come from the data.
+SMALL_VITS = {
+    "vit_micro_patch4": (64, 3, 2, 4),  # for tests
+    "vit_compact_patch4": (128, 4, 4, 4),  # the MNIST-5k default: stage 0 + 1 in ~10 min on 2 CPU cores
+    "vit_mini_patch4": (128, 6, 4, 4),  # a deeper variant for the small data sets
+    "vit_tiny_patch4": (192, 12, 3, 4),  # CIFAR-sized
+    "vit_small_patch4": (384, 12, 6, 4),
+}
+
+
+def _register_small_vits() -> None:
+    for name, (dim, depth, heads, patch) in SMALL_VITS.items():
+
+        def make(pretrained=False, _d=dim, _depth=depth, _h=heads, _p=patch, **kwargs):
+            if pretrained:
+                raise ConfigError("small ViTs have no pretrained weights; load a local file with model.init=PATH")
+            for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+                kwargs.pop(k, None)
+            kwargs.setdefault("img_size", 32)
+            return VisionTransformer(patch_size=_p, embed_dim=_d, depth=_depth, num_heads=_h, mlp_ratio=4.0, **kwargs)
+
+        make.__name__ = name
+        make.__qualname__ = name
+        if name not in timm.list_models(name):
+            register_model(make)
+
+
+_register_small_vits()
+
+
+def create_classifier(cfg: ModelConfig, num_classes: int, image_size: int, in_chans: int) -> VisionTransformer:
+    """A ViT with average pooling over patch tokens (+ fc_norm), as Semi-ViT and MAE fine-tuning use."""
+    name = cfg.name
+    if name.startswith("hf-hub:") or name.startswith("hf_hub:") or "/" in name:
+        raise ConfigError(
+            f"model.name='{name}' names a hub model; this tool never downloads weights. Use a timm architecture "
+            "name (e.g. vit_base_patch16_224) and point model.init at a local weights file."
+        )
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        raise ConfigError(f"model.name='{name}' is not a known model; e.g. {list(SMALL_VITS)[:3] + near}")
+    model = timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=num_classes,
+        img_size=image_size,
+        in_chans=in_chans,
+        global_pool=cfg.global_pool,
+        drop_path_rate=cfg.drop_path,
+    )
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"model.name='{name}' is not a ViT (got {type(model).__name__}); Semi-ViT needs a ViT")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Loading encoder weights from this project's, MAE, DINO or timm checkpoints
+# --------------------------------------------------------------------------------------------
+
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "teacher", "student", "module")
+_PREFIXES = ("module.", "backbone.", "encoder.", "model.", "_orig_mod.")
+# keys of an MAE decoder / DINO head / pre-training extras that a classifier never uses
+_DROP_PREFIXES = ("decoder", "mask_token", "head.mlp", "head.last_layer")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped_shape: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors from '{self.path}'; missing {len(self.missing)} "
+            f"{self.missing[:8]}; unexpected {len(self.unexpected)} {self.unexpected[:8]}; "
+            f"shape-mismatched (skipped) {len(self.skipped_shape)} {self.skipped_shape[:8]}"
+        )
+
+
+def _unwrap(state: dict) -> dict:
+    for _ in range(3):
+        inner = next((state[k] for k in _WRAPPER_KEYS if k in state and isinstance(state[k], dict)), None)
+        if inner is None:
+            break
+        state = inner
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p) :]
+        if k.startswith(_DROP_PREFIXES):
+            continue
+        out[k] = v
+    return out
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """A weights file, or a stage folder holding one of this project's weight files."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (EMA_WEIGHTS, ENCODER_WEIGHTS, WEIGHTS):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(
+            f"folder '{path}' holds no model_ema.safetensors, encoder.safetensors or model.safetensors"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file '{path}' not found (model.init / checkpoint)")
+    return path
+
+
+def load_encoder_weights(model: VisionTransformer, path: str | Path, strict_head: bool = False) -> LoadReport:
+    """Load backbone weights into ``model``; positional embeddings and patch embeddings are resized to
+    the model (timm's filter), the classification head is kept only when its shape fits."""
+    file = resolve_weights_file(path)
+    state = _unwrap(load_weights(file))
+    if not state:
+        raise WeightsError(f"checkpoint '{file}' holds no tensors (after unwrapping {', '.join(_WRAPPER_KEYS)})")
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as e:  # timm's resizing of position / patch embeddings met shapes it cannot map
+        raise WeightsError(
+            f"checkpoint '{file}' does not fit model '{type(model).__name__}': its embeddings cannot be resized "
+            f"({type(e).__name__}: {e}). Check model.name / data.image_size against the checkpoint."
+        ) from e
+    own = model.state_dict()
+    report = LoadReport(str(file))
+    fitted = {}
+    for k, v in state.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif own[k].shape != v.shape:
+            if k.startswith("head") and not strict_head:
+                report.skipped_shape.append(k)
+            else:
+                raise WeightsError(
+                    f"checkpoint '{file}' does not fit model: '{k}' has shape {tuple(v.shape)}, the model "
+                    f"{tuple(own[k].shape)}. Check model.name / data.image_size against the checkpoint."
+                )
+        else:
+            fitted[k] = v
+    report.loaded = sorted(fitted)
+    report.missing = sorted(k for k in own if k not in fitted)
+    backbone_missing = [k for k in report.missing if not k.startswith(("head", "fc_norm"))]
+    if not fitted or len(backbone_missing) > len(own) // 2:
+        raise WeightsError(
+            f"checkpoint '{file}' does not fit model '{type(model).__name__}': "
+            f"{len(backbone_missing)} backbone tensors missing (e.g. {backbone_missing[:5]}), "
+            f"unexpected e.g. {report.unexpected[:5]}"
+        )
+    model.load_state_dict(fitted, strict=False)
+    logger.info(report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier folders written by the training stages
+# --------------------------------------------------------------------------------------------
+
+
+def save_classifier(folder: str | Path, model: torch.nn.Module, ema: torch.nn.Module | None, meta: dict) -> None:
+    """Write ``model.safetensors`` (student), ``model_ema.safetensors`` (teacher) and ``meta.json``
+    (classes, channels, image size, normalisation, model name): all that inference needs."""
+    from semivit.files import atomic_write_json
+
+    folder = Path(folder)
+    save_weights(model.state_dict(), folder / WEIGHTS)
+    if ema is not None:
+        save_weights(ema.state_dict(), folder / EMA_WEIGHTS)
+    atomic_write_json(folder / META, meta)
+
+
+def classifier_meta(cfg: Config, bundle) -> dict:
+    return {
+        "classes": list(bundle.classes),
+        "channels": bundle.channels,
+        "image_size": cfg.data.image_size,
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+        "model": cfg.model.name,
+        "global_pool": cfg.model.global_pool,
+    }
+
+
+META_KEYS = ("classes", "channels", "image_size", "model")
+
+
+def read_classifier_meta(folder: str | Path) -> dict:
+    """``meta.json`` of a classifier folder, with the keys inference needs."""
+    from semivit.files import read_json
+
+    folder = Path(folder)
+    if not (folder / META).is_file():
+        raise FileNotFoundError(
+            f"'{folder}' is not a classifier folder of this project (meta.json missing); "
+            "pass the output folder of finetune, semi or retrain"
+        )
+    meta = read_json(folder / META)
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing or not isinstance(meta.get("classes"), list):
+        raise FileFormatError(
+            f"'{folder / 'meta.json'}' lacks {missing or ['a list of classes']}; it was not written by this "
+            "project's finetune, semi or retrain (restore it or re-run that stage)"
+        )
+    return meta
+
+
+def load_classifier(folder: str | Path, prefer_ema: bool = True, device="cpu") -> tuple[VisionTransformer, dict]:
+    """Rebuild a classifier from a stage folder (``meta.json`` + weights) for inference.
+    Returns the model in eval mode and its meta (classes, channels, image_size, mean, std)."""
+    folder = Path(folder)
+    meta = read_classifier_meta(folder)
+    mcfg = ModelConfig(name=meta["model"], drop_path=0.0, global_pool=meta.get("global_pool", "avg"), init="none")
+    model = create_classifier(mcfg, len(meta["classes"]), meta["image_size"], meta["channels"])
+    names = [EMA_WEIGHTS, WEIGHTS] if prefer_ema else [WEIGHTS]
+    file = next((folder / n for n in names if (folder / n).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"'{folder}' holds no model weights ({' or '.join(names)})")
+    try:
+        missing, unexpected = model.load_state_dict(load_weights(file), strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise WeightsError(
+            f"weights '{file}' do not fit the model that meta.json describes ({_first_line(e)}); the folder mixes "
+            "files of different runs: re-run the stage that wrote it"
+        ) from e
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights '{file}' do not fit the model in meta.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.to(device).eval(), meta
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(e).__name__
