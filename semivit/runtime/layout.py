@@ -187,3 +187,23 @@ RELATIVE = RunLayout(Path())
 def previous_copy(folder: Path) -> Path:
     """Where a folder being replaced waits until its successor is in place (``.old_<name>``)."""
     return folder.parent / f".old_{folder.name}"
+
+
+def markdown() -> str:
+    """This module's table of the run folder as a Markdown page (``docs/run-folder.md``)."""
+    import inspect
+
+    title, body = inspect.cleandoc(__doc__).split("\n\n", 1)
+    return (
+        "# The run folder\n\n"
+        f"{title.replace('``', '`')}\n\n"
+        "Generated from the docstring of `semivit/runtime/layout.py` by\n"
+        "`python -m semivit.runtime.layout > docs/run-folder.md`; do not edit by hand.\n\n"
+        f"{body.replace('``', '`')}\n"
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(markdown())
