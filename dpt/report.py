@@ -1,4 +1,4 @@
-"""Evaluation of a pipeline run: ``summary.json`` (keys listed in the README's file contracts) and ``report.md``.
+"""Evaluation of a pipeline run: ``summary.json`` (keys listed in docs/pipeline.md, File contracts) and ``report.md``.
 
 Every top-1 is that of the final EMA (teacher) model of its stage on the held-out split; no number
 is chosen by looking at the test split during training. Accuracies are in percent.

@@ -3,7 +3,7 @@
 Each case runs in-process through a CLI's ``main(argv)``: settings, files, weights (damaged,
 pickled with a payload that must never run), class lists, the run lock and the output folder.
 ``python tests/test_reliability.py`` prints the matrix as a markdown table (case | what the user
-sees) for the README.
+sees) for docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -596,7 +596,7 @@ def test_every_rule_rejects_a_value_outside_it():
 
 
 # --------------------------------------------------------------------------------------------
-# The matrix for the README
+# The matrix for docs/reliability.md
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The whole pipeline on tiny settings (configs/tiny.yaml): every stage, the file contracts of
-the README, skipping, --from, and a two-rank CPU run through `accelerate launch`."""
+docs/run-folder.md, skipping, --from, and a two-rank CPU run through `accelerate launch`."""
 
 import csv
 import json
