@@ -4,8 +4,10 @@ default, its allowed values and the comment written next to it in ``semivit/conf
     python -m semivit.config.reference > docs/configuration.md
 
 The comments are read from the source of each dataclass: the ``# ...`` comment on a field's line
-and the comment lines directly above it (no blank line between). ``tests/semivit/config/
-test_reference.py`` checks that the committed ``docs/configuration.md`` equals this output.
+and the comment lines directly above it (no blank line between). A field without a comment of its
+own whose name the training sections share (``lr``, ``amp`` ...) gets the line of ``SHARED`` for that
+name. ``tests/semivit/config/test_reference.py`` checks that the committed ``docs/configuration.md``
+equals this output.
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ SECTION_NOTES = {
     "fid": "FID and synthetic class accuracy of a set of images (`dpt fid`, the report).",
     "retrain": "Stage 3: retraining on the real labeled images plus extra ones (`dpt retrain`).",
     "pipeline": "What `dpt run` adds to the stages.",
+}
+
+# settings that several sections share under one name, described once; a comment on the field wins
+SHARED = {
+    "epochs": "training epochs",
+    "batch_size": "images per step, per process",
+    "lr": "peak learning rate: linear warm-up to it, then cosine decay",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "weight_decay": "weight decay of the optimizer",
+    "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "layer_decay": "layer-wise learning-rate decay of the ViT blocks (1: none)",
+    "label_smoothing": "label smoothing of the classification targets",
+    "mixup": "Mixup alpha on the labeled images (0: off)",
+    "cutmix": "CutMix alpha on the labeled images (0: off)",
+    "ema_decay": "decay of the model's exponential moving average",
+    "clip_grad": "clip the gradient norm to this value (0: off)",
+    "amp": "mixed precision: no, bf16 or fp16 (fp16 needs a GPU)",
+    "grad_accum": "micro-batches per optimizer step",
+    "eval_every": "epochs between evaluations on the held-out split (0: only at the end)",
 }
 
 
@@ -122,7 +143,8 @@ def settings() -> list[tuple[str, list[Setting]]]:
             comments = field_comments(type(value))
             rows = [
                 Setting(f"{f.name}.{g.name}", getattr(value, g.name),
-                        rule_of(f"{f.name}.{g.name}", getattr(value, g.name)), comments.get(g.name, ""))
+                        rule_of(f"{f.name}.{g.name}", getattr(value, g.name)),
+                        comments.get(g.name) or SHARED.get(g.name, ""))
                 for g in dataclasses.fields(value)
             ]
             sections.append((f.name, rows))

@@ -40,6 +40,11 @@ def test_every_setting_has_a_row_with_its_default_and_rule():
     assert "one of ema, student" in rows["semi.teacher"]
     assert "| `semi.pseudo_mixup` | `true` | true/false |" in rows["semi.pseudo_mixup"]
     assert "free text" in rows["data.root"]
+    # a field without a comment of its own takes the shared line of its name; its own comment wins
+    assert reference.SHARED["lr"] in rows["finetune.lr"] and reference.SHARED["lr"] in rows["diffusion.lr"]
+    assert reference.SHARED["ema_decay"] in rows["finetune.ema_decay"]
+    assert "0.9999 at ImageNet scale" in rows["semi.ema_decay"]
+    assert reference.SHARED["ema_decay"] not in rows["semi.ema_decay"]
     # a '|' inside a comment is escaped, so the row keeps four cells
     assert rows["data.name"].count(" | ") == 3 and "mnist5k \\| digits" in rows["data.name"]
 
