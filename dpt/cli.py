@@ -98,7 +98,10 @@ COMMANDS: dict[str, Command] = {
         "the classifier retrained on real labeled + synthetic (or control) images (stage 3)",
         # semi.* in mode semi, finetune.* in modes supervised and probe (and synthetic_only), the
         # pseudo_label batch size and teacher choice for the filter and the pseudo-real source
-        Reads(("retrain", "semi", "finetune", "pseudo_label"), {"checkpoint": ("retrain.init", "the weights stage 3 starts from (stage0, stage1 or PATH)")}),
+        Reads(
+            ("retrain", "semi", "finetune", "pseudo_label"),
+            {"checkpoint": ("retrain.init", "the weights stage 3 starts from (stage0, stage1 or PATH)")},
+        ),
     ),
     "run": Command(_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report", Reads((EVERYTHING,))),
 }

@@ -103,6 +103,7 @@ def test_dpt_reports_every_unread_key_in_one_line_and_accepts_short_keys(tmp_pat
     assert len(err.splitlines()) == 1
     assert "semi.epochs is not read by `dpt train-diffusion` (it reads diffusion.*; did you mean diffusion.epochs?)" in err
     assert "generate.steps is not read" in err and "diffusion.epochs is not read" not in err  # epochs= is its own
+    assert err.endswith("; remove them, or pass --allow-unread to run anyway")
 
 
 def test_settings_of_the_yaml_file_are_not_reported(tmp_path, capsys):

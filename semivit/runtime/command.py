@@ -75,7 +75,8 @@ def check_unread(prog: str, command: str, overrides: list[str], reads: Reads, al
     ``allow`` print each as a warning line instead. Returns the sentences."""
     found = unread_settings(overrides, reads, f"{prog} {command}")
     if found and not allow:
-        raise ConfigError("; ".join(found) + "; remove it, or pass --allow-unread to run anyway")
+        them = "it" if len(found) == 1 else "them"
+        raise ConfigError("; ".join(found) + f"; remove {them}, or pass --allow-unread to run anyway")
     for sentence in found:
         _say(prog, command, f"warning: {sentence}; ignored (--allow-unread)")
     return found
