@@ -13,9 +13,13 @@ is measured by:
 
 and its sample grid goes into one picture, variant by variant.
 
-    python benchmarks/generator_mnist.py --run runs/mnist5k_seed0 \\
+    python -m benchmarks.generator_mnist --run runs/mnist5k_seed0 \\
         --variant baseline: --variant vpred:diffusion.prediction_type=v_prediction \\
         --variant ddim50:generate.sampler=ddim,generate.steps=50
+
+The variants' runs go to runs/bench/generator_mnist/<run name>/<variant>/ (--out), the table and
+the grids to benchmarks/results/generator_mnist/<run name>.json and .png (--results), the JSON
+with its provenance (command, commit, machine).
 """
 
 from __future__ import annotations
@@ -23,14 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from semivit.config.load import load_config  # noqa: E402
-from semivit.files import atomic_write_json, pyplot, read_json  # noqa: E402
-from semivit.runtime.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
+from benchmarks.record import result_dir, run_dir, write_result
+from semivit.config.load import load_config
+from semivit.files import atomic_write_json, pyplot, read_json
+from semivit.runtime.layout import METRICS, RELATIVE, RunLayout
 
 TRAIN_KEYS = ("diffusion.",)  # a variant that changes these trains its own generator
 
@@ -108,19 +110,21 @@ def grids(rows: list[dict], out: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mnist5k.yaml")
     p.add_argument("--run", required=True, help="a finished run folder (stage 0/1 and pseudo-labels)")
     p.add_argument("--judge", default="", help="classifier on all true labels (default: RUN/judge)")
-    p.add_argument("--out", default="", help="variants go to OUT/NAME (default: RUN/generators)")
+    p.add_argument("--out", default="", help="variants go to OUT/NAME (default: runs/bench/generator_mnist/<run name>)")
+    p.add_argument("--results", default="", help="folder of the table and grids (default: benchmarks/results/generator_mnist)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=100, help="images per class")
     p.add_argument("--variant", action="append", required=True, help="NAME:key=value,key=value (empty: the run's own)")
     p.add_argument("overrides", nargs="*", help="key=value for every variant (the run's own settings)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.judge = args.judge or str(Path(args.run) / "judge")
-    args.out = args.out or str(Path(args.run) / "generators")
+    args.out = args.out or str(run_dir(__name__) / Path(args.run).resolve().name)
+    results = Path(args.results) if args.results else result_dir(__name__)
     rows = []
     for spec in args.variant:
         name, _, over = spec.partition(":")
@@ -129,10 +133,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:<12} {r['synthetic_class_acc']:9.2f} {r['fid']:6.2f} {r['cas_probe_synthetic']:8.2f} "
               f"{r['cas_probe_real']:9.2f} {r['stage2_seconds'] or 0:9.0f}")
-    png = Path(args.out) / "generator_grids.png"
+    name = Path(args.run).resolve().name
+    png = results / f"{name}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
     grids(rows, Path(args.out), png)
-    atomic_write_json(Path(args.out) / "generator_bench.json", rows)
-    print(f"grids: {png}")
+    table = write_result(results / f"{name}.json", rows, argv=None if argv is None else [__file__, *argv])
+    print(f"grids: {png}\nresults: {table}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@
    4 latent channels, random weights) per 256 px image, against a DiT-B/2 training step per image
    on 32 x 32 x 4 latents: the per-image cost the cache removes, next to what remains.
 
-    python benchmarks/latent_cache.py [--threads 1] [--images 128] [--out latent_cache.json]
+    python -m benchmarks.latent_cache [--threads 1] [--images 128] [--out FILE.json]
+
+The result goes to benchmarks/results/latent_cache/latent_cache.json unless --out names another
+file, with its provenance (command, commit, machine).
 
 Ratios are measured on one thread by default, so that other load on the machine and the thread
 count move both sides alike.
@@ -17,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,14 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.record import result_dir, write_result
 from dpt.diffusion.codec import Codec
-from dpt.diffusion.latents import load_or_build_latents  # noqa: E402
+from dpt.diffusion.latents import load_or_build_latents
 from dpt.diffusion.model import build_denoiser, denoiser_forward, drop_labels
 from dpt.diffusion.sampling import make_noise_scheduler, training_target
-from semivit.config.schema import DiffusionConfig  # noqa: E402
-from semivit.data.sources import ArraySource  # noqa: E402
+from semivit.config.schema import DiffusionConfig
+from semivit.data.sources import ArraySource
 
 NUM_CLASSES = 10
 
@@ -216,7 +216,7 @@ def parse_args(argv):
     p.add_argument("--dit-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="timed repeats of part 2 (best is kept)")
     p.add_argument("--skip-sd", action="store_true", help="only part 1")
-    p.add_argument("--out", default="latent_cache.json")
+    p.add_argument("--out", default="", help="JSON file (default: benchmarks/results/latent_cache/latent_cache.json)")
     return p.parse_args(argv)
 
 
@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
               f", channels-last {s['vae_encode_channels_last_s_per_image']:.3f} s")
         print(f"  DiT-B/2 train step: {s['dit_b2_train_step_s_per_image']:8.3f} s ({s['dit_b2_train_gflop_per_image']:.0f} GFLOP)")
         print(f"  VAE / DiT         : x{s['vae_over_dit_time']:.2f} in time, x{s['vae_over_dit_flops']:.2f} in FLOPs")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(Path(args.out) if args.out else result_dir(__name__) / "latent_cache.json", result,
+                       argv=None if argv is None else [__file__, *argv])
+    print(f"results: {out}")
     return result
 
 

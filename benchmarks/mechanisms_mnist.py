@@ -18,10 +18,13 @@ classifier trained on the K synthetic images per class alone is set against the 
 K real unlabeled images per class with their true labels (Classification Accuracy Score).
 
 Every top-1 is the final model (EMA where the stage keeps one) on the 1000 test images; nothing is
-selected on them. Results accumulate in OUT/mechanisms.json (a cell already done is read back), the
-table is printed, and OUT/mechanisms.png plots the gain over K = 0 per source, per mode.
+selected on them. Every run's row accumulates in OUT/l<L>_seed<S>/bench/row.json (a cell already
+done is read back; OUT: runs/bench/mechanisms_mnist/), the table is printed, and the rows of every
+run in OUT go to RESULTS/mechanisms.json with their provenance (command, commit, machine), and
+RESULTS/mechanisms.png plots the gain over K = 0 per source, per mode (RESULTS:
+benchmarks/results/mechanisms_mnist/).
 
-    python benchmarks/mechanisms_mnist.py --labels 1 2 5 10 --seeds 0 1 2 --modes probe supervised \\
+    python -m benchmarks.mechanisms_mnist --labels 1 2 5 10 --seeds 0 1 2 --modes probe supervised \\
         --encoder runs/mnist5k_seed0/stage0/encoder.safetensors --judge runs/mnist5k_seed0/judge \\
         --mixup 2 10 --cas 2 10
 """
@@ -31,14 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from semivit.config.load import load_config  # noqa: E402
-from semivit.files import atomic_write_json, pyplot, read_json  # noqa: E402
-from semivit.runtime.layout import METRICS, RunLayout  # noqa: E402
+from benchmarks.record import result_dir, run_dir, write_result
+from semivit.config.load import load_config
+from semivit.files import atomic_write_json, pyplot, read_json
+from semivit.runtime.layout import METRICS, RunLayout
 
 SOURCES = ("none", "pseudo-real", "synthetic", "synthetic-f")
 MODE_INIT = {"probe": "stage0", "supervised": "stage0", "semi": "stage1"}
@@ -263,10 +264,12 @@ def plot(rows: list[dict], modes: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mnist5k.yaml")
-    p.add_argument("--out", default="runs/mechanisms")
+    p.add_argument("--out", default=str(run_dir(__name__)), help="folder of the runs (default: runs/bench/mechanisms_mnist)")
+    p.add_argument("--results", default=str(result_dir(__name__)),
+                   help="folder of mechanisms.json and .png (default: benchmarks/results/mechanisms_mnist)")
     p.add_argument("--labels", type=int, nargs="+", default=[1, 2, 5, 10])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=["probe", "supervised"], choices=list(MODE_INIT))
@@ -283,11 +286,11 @@ def main() -> None:
     p.add_argument("--cas-modes", nargs="*", default=["probe", "supervised"])
     p.add_argument("--cas-epochs", type=int, default=30, help="finetune.epochs of the supervised CAS classifiers")
     p.add_argument("--only-mixup", action="store_true", help="only the pseudo mixup runs (--mixup), no stage-3 cells")
-    p.add_argument("--report-only", action="store_true", help="print the table and plot from OUT/mechanisms.json")
+    p.add_argument("--report-only", action="store_true", help="the table, JSON and plot from the rows already in OUT")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. semi.dist_align=uniform)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
-    results = out / "mechanisms.json"
+    results = Path(args.results) / "mechanisms.json"
     if not args.report_only and not args.encoder:
         p.error("--encoder is needed to run stages (e.g. runs/mnist5k_seed0/stage0/encoder.safetensors)")
     if not args.report_only:
@@ -299,11 +302,11 @@ def main() -> None:
     for f in sorted(out.glob("l*_seed*/bench/row.json")):
         r = read_json(f)
         merged[(r["labels"], r["seed"])] = r
-    atomic_write_json(results, [merged[k] for k in sorted(merged)])
     rows = [merged[k] for k in sorted(merged)]
+    write_result(results, rows, argv=None if argv is None else [__file__, *argv])
     modes = list(dict.fromkeys([*args.modes, *MODE_INIT]))
     print(table(rows, modes))
-    png = out / "mechanisms.png"
+    png = results.parent / "mechanisms.png"
     plot(rows, modes, png)
     print(f"\nplot: {png}\nresults: {results}")
     print(json.dumps({"config": args.config, "overrides": args.overrides, "k": args.k, "filter": args.filter}, indent=None))

@@ -1,17 +1,20 @@
 """Bar chart of stage-3 benchmark results side by side: mean top-1 with each seed as a dot.
 
-    python benchmarks/plot_bench.py benchmarks/mnist5k_l2_stage3_bench.json:"no alignment" \\
-        benchmarks/mnist5k_l2da_stage3_bench.json:"semi.dist_align=uniform" --out benchmarks/mnist5k_l2_dist_align.png
+    python -m benchmarks.plot_bench benchmarks/results/stage3_mnist/mnist5k_l2_stage3_bench.json:"no alignment" \\
+        benchmarks/results/stage3_mnist/mnist5k_l2da_stage3_bench.json:"semi.dist_align=uniform" \\
+        --out mnist5k_l2_dist_align.png
 
-Each argument is a JSON written by ``benchmarks/stage3_mnist.py`` and, after a colon, its label.
+Each argument is a JSON written by ``python -m benchmarks.stage3_mnist`` and, after a colon, its
+label. --out is a file name in benchmarks/results/plot_bench/ or a path.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from benchmarks.record import read_result, result_dir
 
 ROWS = [
     ("supervised", "supervised"),
@@ -24,19 +27,20 @@ ROWS = [
 def load(arg: str) -> tuple[str, list[dict]]:
     path, _, label = arg.partition(":")
     if not Path(path).is_file():
-        raise SystemExit(f"{path}: not found; run benchmarks/stage3_mnist.py first")
-    return label or Path(path).stem, json.loads(Path(path).read_text())
+        raise SystemExit(f"{path}: not found; run python -m benchmarks.stage3_mnist first")
+    return label or Path(path).stem, read_result(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benches", nargs="+", help="FILE.json[:label]")
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    import matplotlib
+    p.add_argument("--out", required=True, help="PNG: a bare file name goes to benchmarks/results/plot_bench/")
+    args = p.parse_args(argv)
+    out = Path(args.out) if Path(args.out).parent != Path(".") else result_dir(__name__) / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from semivit.files import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = [load(a) for a in args.benches]
     lows = [r[k] for _, rows in sets for r in rows for k, _ in ROWS if isinstance(r.get(k), (int, float))]
@@ -57,8 +61,10 @@ def main() -> None:
     ax.set_ylim(bottom, min(100.0, max(lows) + 5))
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

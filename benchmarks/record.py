@@ -20,14 +20,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def script_name(script: str) -> str:
+    """``benchmarks.throughput``, ``__main__`` (run as ``python -m benchmarks.throughput``) or
+    ``.../benchmarks/throughput.py`` -> ``throughput``."""
+    if script == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        script = spec.name if spec is not None and spec.name else (sys.argv[0] if sys.argv else script)
+    if script.endswith(".py"):
+        return Path(script).stem
+    return script.rsplit(".", 1)[-1]
+
+
 def result_dir(script: str) -> Path:
     """``benchmarks/results/<script>/`` (``script``: the module's ``__name__`` or a file path)."""
-    return RESULTS / Path(script.rsplit(".", 1)[-1]).stem
+    return RESULTS / script_name(script)
 
 
 def run_dir(script: str) -> Path:
     """``runs/bench/<script>/``: the default folder of a benchmark's runs (not committed)."""
-    return ROOT / "runs" / "bench" / Path(script.rsplit(".", 1)[-1]).stem
+    return ROOT / "runs" / "bench" / script_name(script)
 
 
 def _commit() -> str:
@@ -63,6 +74,15 @@ def provenance(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def read_result(path: str | Path):
+    """The ``results`` of a file ``write_result`` wrote; a result file written before provenance
+    was recorded (the bare data) is returned as it is."""
+    from semivit.files import read_json
+
+    data = read_json(Path(path))
+    return data["results"] if isinstance(data, dict) and set(data) == {"provenance", "results"} else data
 
 
 def write_result(path: str | Path, data: dict | list, argv: list[str] | None = None) -> Path:

@@ -12,25 +12,28 @@ Top-1 is the final EMA model's on the 1000 test images (never a best epoch). A r
 by the pipeline can be reused: ``--run runs/mnist5k`` takes its stage0, stage1/finetune and
 stage1/semi when present and trains only what is missing.
 
-  nice .venv/bin/python benchmarks/stage1_mnist.py --run runs/mnist5k
+  nice python -m benchmarks.stage1_mnist --run runs/mnist5k
+
+Runs go to --run (default runs/bench/stage1_mnist/); the table to
+benchmarks/results/stage1_mnist/RESULTS_stage1_seedS.md and the numbers to stage1_seedS.json
+there with their provenance (command, commit, machine); --out names another folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.record import ROOT, provenance, result_dir, run_dir, write_result
 from semivit.config.load import load_config
-from semivit.files import read_json
+from semivit.files import atomic_write_text, read_json
 from semivit.runtime.layout import METRICS, RunLayout
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage(path: Path, make) -> dict:
@@ -187,7 +190,7 @@ def write_markdown(path: Path, rows, speed, args, wall) -> None:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads. Shared with other jobs while measured.",
         "",
-        f"Command: `nice .venv/bin/python benchmarks/stage1_mnist.py {' '.join(args.argv)}`  (total wall {wall / 60:.1f} min)",
+        f"Command: `{provenance(args.argv)['command']}`  (total wall {wall / 60:.1f} min)",
         "",
         "Protocol: MNIST-5k fixed split 4000 train / 1000 test, 10 labels per class (100 labeled), seed "
         f"{args.seed}; top-1 of the final EMA model on the 1000 test images (no best-epoch selection). "
@@ -213,30 +216,27 @@ def write_markdown(path: Path, rows, speed, args, wall) -> None:
             f"{speed['semi_step_ms']:.0f} ms vs {speed['supervised_step_ms']:.0f} ms -> "
             f"**{speed['semi_over_supervised']:.2f}x** (the extra cost is the teacher's forward pass on the weak views).",
         ]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/bench_stage1", help="run directory; existing stages are reused")
+    p.add_argument("--run", default=str(run_dir(__name__)), help="run directory; existing stages are reused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--which", default="abcde", help="which rows to produce")
     p.add_argument("--ceiling-epochs", type=int, default=15)
     p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_stage1.md"))
+    p.add_argument("--out", default=str(result_dir(__name__)), help="folder of the table and the JSON")
     p.add_argument("overrides", nargs="*", help="settings key=value for every run")
-    args = p.parse_args()
-    import sys
-
-    args.argv = sys.argv[1:]
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv) if argv is None else [__file__, *argv]
     t = time.time()
     speed = None if args.no_speed else speed_rows(args)
     rows = accuracy_rows(args)
     wall = time.time() - t
-    out = Path(args.out)
+    out = Path(args.out) / f"RESULTS_stage1_seed{args.seed}.md"
     write_markdown(out, rows, speed, args, wall)
-    (Path(args.run) / "bench_stage1").mkdir(parents=True, exist_ok=True)
-    (Path(args.run) / "bench_stage1" / "results.json").write_text(json.dumps({"rows": rows, "speed": speed}, indent=2))
+    write_result(Path(args.out) / f"stage1_seed{args.seed}.json", {"rows": rows, "speed": speed}, argv=args.argv)
     print(out.read_text())
 
 

@@ -1,6 +1,6 @@
 """Stage-2 benchmark on MNIST-5k: oracle generator (true labels) vs generator on stage-1 pseudo-labels.
 
-    nice .venv/bin/python benchmarks/stage2_mnist.py --out runs/bench_stage2 --phase all
+    nice python -m benchmarks.stage2_mnist --phase all
 
 Phases (each skipped when its output exists, so a phase can be re-run on its own):
   stage1   MAE pre-training, fine-tuning (10 labels/class), Semi-ViT, pseudo-labels (semivit, config defaults)
@@ -9,7 +9,9 @@ Phases (each skipped when its output exists, so a phase can be re-run on its own
   pseudo   train-diffusion on stage-1 pseudo-labels + generate 100 per class
   speed    our guided sampling loop vs diffusers' DiTPipeline loop on the same model and steps
   report   FID (1000 real test images vs 1000 generated, judge features) and synthetic class accuracy
-Prints a table and writes <out>/stage2_results.json. Not a test: numbers depend on the machine.
+Runs go to --out (default runs/bench/stage2_mnist/). Prints a table and writes
+stage2_results.json with its provenance (command, commit, machine) to --results (default
+benchmarks/results/stage2_mnist/). Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.record import ROOT, result_dir, run_dir, write_result
 from semivit.config.load import load_config
 from semivit.runtime.layout import MANIFEST, META, METRICS, RunLayout, layout
 
-CONFIG = "configs/mnist5k.yaml"
+CONFIG = ROOT / "configs" / "mnist5k.yaml"
 JUDGE_MODEL = "vit_micro_patch4"  # small enough to train on all 4000 labels in minutes on a CPU
 
 
@@ -215,7 +218,7 @@ def svc_class_accuracy(syn: Path) -> tuple[float, float]:
     return float((svc.predict(arr(src)) == src.targets).mean()), test_top1
 
 
-def phase_report(out: Path) -> dict:
+def phase_report(out: Path, results: Path | None = None, argv: list[str] | None = None) -> dict:
     from dpt.fid import run_fid, synthetic_class_accuracy
 
     rows = {}
@@ -265,7 +268,8 @@ def phase_report(out: Path) -> dict:
     }
     if "oracle" in rows and "pseudo" in rows:
         result["fid_ratio_pseudo_over_oracle"] = rows["pseudo"]["fid"] / max(rows["oracle"]["fid"], 1e-9)
-    (out / "stage2_results.json").write_text(json.dumps(result, indent=2))
+    written = write_result((results or result_dir(__name__)) / "stage2_results.json", result, argv=argv)
+    print(f"results: {written}")
     print(
         f"{'run':8s} {'FID':>8s} {'acc ViT':>8s} {'acc SVC':>8s} {'labels acc':>10s} {'train s':>8s} {'gen img/s':>10s} {'stage2 wall s':>14s}"
     )
@@ -283,14 +287,16 @@ def phase_report(out: Path) -> dict:
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/bench_stage2")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(run_dir(__name__)), help="folder of the runs (default: runs/bench/stage2_mnist)")
+    ap.add_argument("--results", default=str(result_dir(__name__)),
+                    help="folder of stage2_results.json (default: benchmarks/results/stage2_mnist)")
     ap.add_argument("--stage1", nargs="*", default=[], help="overrides for the stage-1 run (e.g. a shorter recipe)")
     ap.add_argument(
         "--phase", default="all", help="all | stage1 | judge | oracle | pseudo | speed | report (comma list)"
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     phases = (
@@ -311,7 +317,7 @@ def main() -> None:
         elif p == "speed":
             print(json.dumps(phase_speed(out), indent=2))
         elif p == "report":
-            phase_report(out)
+            phase_report(out, Path(args.results), argv=None if argv is None else [__file__, *argv])
         print(f"[bench] phase {p}: {time.time() - t:.0f} s", flush=True)
 
 

@@ -6,10 +6,14 @@ extra training alone is not mistaken for the effect of the synthetic data), and 
 guidance scales at the default K. Prints a table of top-1 (final EMA model, 1000 test images) with
 mean and spread over seeds, and writes it as JSON.
 
-    python benchmarks/stage3_mnist.py --seeds 0 1 2 --ks 0 50 100 200 [--guidance 1 4]
+    python -m benchmarks.stage3_mnist --seeds 0 1 2 --ks 0 50 100 200 [--guidance 1 4]
+
+Runs go to OUT/NAME_seedS (OUT: runs/bench/stage3_mnist/ unless --out), the table and plot to
+RESULTS/NAME_stage3_bench.json and .png (RESULTS: benchmarks/results/stage3_mnist/ unless
+--results), the JSON with its provenance (command, commit, machine); rows accumulate per seed.
 
 Fewer labels: `data.labels_per_class=2 --name mnist5k_l2 --reuse mnist5k` (overrides first) takes stage 0 (MAE) and
-the judge, which do not depend on the labeled split, from runs/mnist5k_seedS (hard links).
+the judge, which do not depend on the labeled split, from OUT/mnist5k_seedS (hard links).
 """
 
 from __future__ import annotations
@@ -24,15 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dpt.generate import run_generate  # noqa: E402
-from dpt.pipeline import run_pipeline  # noqa: E402
-from dpt.retrain import run_retrain  # noqa: E402
-from semivit.config.load import load_config  # noqa: E402
-from semivit.files import atomic_write_json, pyplot, read_json  # noqa: E402
-from semivit.runtime.layout import METRICS, RELATIVE, RunLayout  # noqa: E402
-from semivit.stages.semi import run_semi  # noqa: E402
+from benchmarks.record import read_result, result_dir, run_dir, write_result
+from dpt.generate import run_generate
+from dpt.pipeline import run_pipeline
+from dpt.retrain import run_retrain
+from semivit.config.load import load_config
+from semivit.files import pyplot, read_json
+from semivit.runtime.layout import METRICS, RELATIVE, RunLayout
+from semivit.stages.semi import run_semi
 
 
 def top1(folder: Path) -> float:
@@ -128,23 +131,27 @@ def plot_k_sweep(rows: list[dict], ks: list[int], guidance: float, path: Path) -
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/mnist5k.yaml")
-    p.add_argument("--out", default="runs", help="runs go to OUT/NAME_seedS (an existing run is reused)")
+    p.add_argument("--out", default=str(run_dir(__name__)),
+                   help="runs go to OUT/NAME_seedS (an existing run is reused; default: runs/bench/stage3_mnist)")
+    p.add_argument("--results", default=str(result_dir(__name__)),
+                   help="folder of NAME_stage3_bench.json and .png (default: benchmarks/results/stage3_mnist)")
     p.add_argument("--name", default="mnist5k")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ks", type=int, nargs="+", default=[0, 50, 100, 200])
     p.add_argument("--reuse", default="", help="take stage 0 and the judge from OUT/REUSE_seedS (same seed)")
     p.add_argument("--guidance", type=float, nargs="*", default=[], help="extra guidance scales at the default K")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     # results accumulate per seed across invocations (a guidance sweep adds keys to a K sweep's rows)
-    out_json = Path(args.out) / f"{args.name}_stage3_bench.json"
-    merged = {r["seed"]: r for r in (read_json(out_json) if out_json.is_file() else [])}
+    out_json = Path(args.results) / f"{args.name}_stage3_bench.json"
+    merged = {r["seed"]: r for r in (read_result(out_json) if out_json.is_file() else [])}
     for s in args.seeds:
         merged[s] = {**merged.get(s, {}), **bench_seed(args, s)}
-        atomic_write_json(out_json, [merged[k] for k in sorted(merged)])  # a seed at a time
+        # a seed at a time
+        write_result(out_json, [merged[k] for k in sorted(merged)], argv=None if argv is None else [__file__, *argv])
     rows = [merged[k] for k in sorted(merged)]
     keys = list(dict.fromkeys(k for r in rows for k in r if k != "seed"))
     print(f"\n{'metric':<24} " + " ".join(f"seed{r['seed']:>3}" for r in rows) + "   mean ± sd")
@@ -155,10 +162,10 @@ def main() -> None:
         spread = f"{statistics.mean(nums):7.2f} ± {statistics.stdev(nums):.2f}" if len(nums) > 1 else ""
         print(f"{k:<24} {cells}   {spread}")
     guidance = load_config(args.config, list(args.overrides)).generate.guidance_scale
-    png = Path(args.out) / f"{args.name}_stage3_bench.png"
+    png = Path(args.results) / f"{args.name}_stage3_bench.png"
     ks = sorted({int(k.split("_")[1][1:]) for r in rows for k in r if k.startswith("dpt_k") and k.endswith(f"_w{guidance:g}")})
     plot_k_sweep(rows, ks, guidance, png)
-    print(f"plot: {png}")
+    print(f"plot: {png}\nresults: {out_json}")
     print(json.dumps(rows, indent=1))
 
 

@@ -12,10 +12,13 @@ convolutions, attention; forward and backward); MFU divides FLOPs/s by the devic
 the precision used (table below, or ``--peak-tflops``). Inputs are random tensors already on the
 device: the numbers are the model step, not the data loader.
 
-    python benchmarks/throughput.py                      # every row, device defaults
-    python benchmarks/throughput.py --rows a,b --batch-size 128 --compile --out vit.json
-    python benchmarks/throughput.py --small              # tiny models, < 1 min on a CPU (tests)
-    python benchmarks/throughput.py --threads 1          # a shared CPU: one thread measures steadily
+    python -m benchmarks.throughput                      # every row, device defaults
+    python -m benchmarks.throughput --rows a,b --batch-size 128 --compile --out vit.json
+    python -m benchmarks.throughput --small              # tiny models, < 1 min on a CPU (tests)
+    python -m benchmarks.throughput --threads 1          # a shared CPU: one thread measures steadily
+
+The result goes to benchmarks/results/throughput/throughput.json (throughput_small.json with
+--small) unless --out names another file, with its provenance (command, commit, machine).
 
 Row (f) runs each size in a fresh process on the CPU (see ``mixup_row_in_fresh_process``).
 """
@@ -37,9 +40,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from semivit.stages.ssl import prob_pseudo_mixup, smooth_one_hot  # noqa: E402
+from benchmarks.record import ROOT, result_dir, write_result
+from semivit.stages.ssl import prob_pseudo_mixup, smooth_one_hot
 
 ROWS = "abcdef"
 MU = 5  # unlabeled images per labeled one in the Semi-ViT step
@@ -510,8 +512,9 @@ def mixup_row_in_fresh_process(shape: tuple[int, ...], repeats: int) -> dict:
     memory to the system once enough of it piles up, at a threshold that earlier allocations set
     (the 224 px row's 600 KB rows set a low one); a process that has run other rows would make
     every 1 MB temporary at 28 px fault its pages in again, for both implementations alike."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--mixup-child", ",".join(map(str, shape)), "--mixup-repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--mixup-child", ",".join(map(str, shape)),
+           "--mixup-repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"pseudo-mixup timing process failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -607,7 +610,8 @@ def parse_args(argv):
     p.add_argument("--mixup-repeats", type=int, default=15, help="turns of 3 pseudo-mixup calls each (best call is kept)")
     p.add_argument("--small", action="store_true", help="tiny models and sizes: well under a minute on a CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a shared CPU")
-    p.add_argument("--out", default="throughput.json", help="JSON file to write")
+    p.add_argument("--out", default="", help="JSON file to write (default: benchmarks/results/throughput/"
+                   "throughput.json, or throughput_small.json with --small)")
     p.add_argument("--mixup-child", default="", help=argparse.SUPPRESS)  # N,C,H,W: one row f, JSON to stdout
     return p.parse_args(argv)
 
@@ -705,9 +709,10 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_source": "--peak-tflops" if args.peak_tflops else ("table" if peak else None),
         "rows": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out) if args.out else result_dir(__name__) / ("throughput_small.json" if args.small else "throughput.json")
+    write_result(out, result, argv=None if argv is None else [__file__, *argv])
     print_table(result)
+    print(f"results: {out}")
     return result
 
 

@@ -5,14 +5,14 @@
 #
 # Batch sizes in the configs are per process. To train the same recipe (same global batch, same
 # number of optimizer steps, same lr schedule) on N ranks, each per-process batch is divided by N
-# here. Runs go to runs/mnist5k_${NPROC}proc_seed$SEED; the 1-process run is runs/mnist5k_seed$SEED
+# here. Runs go to runs/bench/two_process_mnist/mnist5k_${NPROC}proc_seed$SEED; the 1-process run is runs/mnist5k_seed$SEED
 # (made with `python -m dpt run --config configs/mnist5k.yaml seed=$SEED output_dir=runs/mnist5k_seed$SEED`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${1:-0}
 NPROC=${2:-2}
 BIN=""; [ -x .venv/bin/python ] && BIN=.venv/bin/
-OUT=runs/mnist5k_${NPROC}proc_seed$SEED
+OUT=runs/bench/two_process_mnist/mnist5k_${NPROC}proc_seed$SEED
 if ! [[ "$NPROC" =~ ^[0-9]+$ ]] || [ "$NPROC" -lt 1 ] || [ $(( 16 % NPROC )) -ne 0 ]; then
   echo "NPROC '$NPROC': must divide the config's batch sizes (16, 32, 128): use 1, 2, 4, 8 or 16" >&2
   exit 2
@@ -24,4 +24,4 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ACCELERATE_USE_CPU=1 "${BIN}accelerate" la
   pretrain.batch_size="$(per_proc 128)" finetune.batch_size="$(per_proc 32)" \
   semi.batch_size="$(per_proc 16)" diffusion.batch_size="$(per_proc 32)"
 echo "wall time: $(( ($(date +%s) - start) / 60 )) min"
-"${BIN}python" benchmarks/summarize_runs.py "runs/mnist5k_seed$SEED" "$OUT"
+"${BIN}python" -m benchmarks.summarize_runs "runs/mnist5k_seed$SEED" "$OUT"

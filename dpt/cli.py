@@ -1,9 +1,11 @@
 """``dpt <command> --config FILE [key=value ...]`` (also ``python -m dpt`` and ``accelerate launch -m dpt``).
 
-Commands live in one registry: name -> (function of the config, settings section whose keys may
-be given without the section prefix, help). A new command is one more entry. Errors follow the
-policy of :mod:`semivit.errors` (one line and exit code 2 for bad input; ``--debug`` or
-``DPT_DEBUG=1`` for the traceback); a command holds the lock of the folder it writes into.
+Commands live in one registry: name -> :class:`Command` (function of the config, settings section
+whose keys may be given without the section prefix, those keys, help, the settings it reads). A new
+command is one more entry. Errors follow the policy of :mod:`semivit.runtime.command` (one line and
+exit code 2 for bad input, including an override the command does not read unless
+``--allow-unread``; ``--debug`` or ``DPT_DEBUG=1`` for the traceback); a command holds the lock of
+the folder it writes into.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from semivit.config.load import load_config
-from semivit.runtime.command import run_cli
+from semivit.config.reads import EVERYTHING, Reads
+from semivit.runtime.command import check_unread, run_cli
 from semivit.runtime.layout import MANIFEST, layout
 from semivit.runtime.lock import lock_folder, run_lock
 
@@ -56,42 +60,62 @@ def _run(cfg, start: str | None = None, until: str | None = None):
     return run_pipeline(cfg, start=start, until=until)
 
 
-# name -> (run function, section for short keys, short keys, help)
-COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
-    "train-diffusion": (
+class Command(NamedTuple):
+    run: Callable
+    section: str  # the settings section whose keys may be given without the prefix
+    short: tuple[str, ...]  # those keys
+    help: str
+    reads: Reads  # the settings it reads besides the shared ones
+
+
+COMMANDS: dict[str, Command] = {
+    "train-diffusion": Command(
         _train_diffusion,
         "diffusion",
         ("labels", "min_confidence", "max_per_class", "vae", "epochs"),
         "train the class-conditional diffusion model (stage 2a)",
+        Reads(("diffusion",), {"checkpoint": ("diffusion.labels", "the labels it trains on")}),
     ),
-    "generate": (
+    "generate": Command(
         _generate,
         "generate",
         ("model", "out", "num_per_class", "guidance_scale", "guidance_min_t", "sampler", "steps", "classes", "batch_size"),
         "write a labeled synthetic data set (stage 2b)",
+        Reads(("generate", "diffusion.amp"), {"checkpoint": ("generate.model", "the generator folder (RUN/stage2/model)")}),
     ),
-    "fid": (
+    "fid": Command(
         _fid,
         "fid",
         ("real", "fake", "features", "inception_weights", "classifier", "per_class", "out"),
         "FID of a generated set against real images",
+        Reads(("fid",), {"checkpoint": ("fid.classifier", "the classifier folder whose features it compares")}),
     ),
-    "retrain": (
+    "retrain": Command(
         _retrain,
         "retrain",
         ("mode", "source", "synthetic", "synthetic_per_class", "synthetic_ratio", "filter_conf", "init", "synthetic_only",
          "probe_l2", "probe_folds"),
         "the classifier retrained on real labeled + synthetic (or control) images (stage 3)",
+        # semi.* in mode semi, finetune.* in modes supervised and probe (and synthetic_only), the
+        # pseudo_label batch size and teacher choice for the filter and the pseudo-real source
+        Reads(
+            ("retrain", "semi", "finetune", "pseudo_label"),
+            {"checkpoint": ("retrain.init", "the weights stage 3 starts from (stage0, stage1 or PATH)")},
+        ),
     ),
-    "run": (_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report"),
+    "run": Command(_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report", Reads((EVERYTHING,))),
 }
+
+ALLOW_UNREAD_HELP = "run even if a key=value override is not read by the command (a warning instead of an error)"
 
 
 def add_command(sub, name: str) -> None:
-    _, section, short, help_ = COMMANDS[name]
+    command = COMMANDS[name]
+    section, short, help_ = command.section, command.short, command.help
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--config", default=None, help="experiment YAML (e.g. configs/mnist5k.yaml)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    p.add_argument("--allow-unread", action="store_true", default=argparse.SUPPRESS, help=ALLOW_UNREAD_HELP)
     p.add_argument(
         "overrides",
         nargs="*",
@@ -105,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpt", description="DPT stages: class-conditional diffusion and synthetic data"
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also DPT_DEBUG=1)")
+    parser.add_argument("--allow-unread", action="store_true", help=ALLOW_UNREAD_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         add_command(sub, name)
@@ -122,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def expand_overrides(command: str, overrides: list[str]) -> list[str]:
     """``num_per_class=5`` -> ``generate.num_per_class=5`` for the command's short keys."""
-    _, section, short, _ = COMMANDS[command]
+    section, short = COMMANDS[command].section, COMMANDS[command].short
     out = []
     for pair in overrides:
         key = pair.split("=", 1)[0].strip()
@@ -133,10 +158,12 @@ def expand_overrides(command: str, overrides: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
-    run = COMMANDS[args.command][0]
+    run = COMMANDS[args.command].run
 
     def body():
-        cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
+        overrides = expand_overrides(args.command, args.overrides)
+        cfg = load_config(args.config, overrides)
+        check_unread("dpt", args.command, overrides, COMMANDS[args.command].reads, args.allow_unread)
         folder = written_folder(args.command, cfg)
         setting = "output_dir" if folder is None or folder == cfg.run_dir.resolve() else "generate.out"
         with run_lock(folder, f"dpt {' '.join(argv)}", f"dpt {args.command}", setting):

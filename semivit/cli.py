@@ -3,7 +3,9 @@
 The same entry point runs as a console script, as ``python -m semivit`` and under
 ``accelerate launch -m semivit``. Bad input (settings, data, checkpoints) ends with one error line
 and exit code 2, not a traceback (``--debug`` or ``DPT_DEBUG=1`` shows it; policy in
-:mod:`semivit.errors`). Every command holds the lock of its output_dir while it runs.
+:mod:`semivit.runtime.command`), and so does an override the command does not read (each command's
+:class:`~semivit.config.reads.Reads` below; ``--allow-unread`` makes it a warning, docs/cli.md).
+Every command holds the lock of its output_dir while it runs.
 """
 
 from __future__ import annotations
@@ -14,28 +16,50 @@ import sys
 from pathlib import Path
 
 from semivit.config.load import load_config
+from semivit.config.reads import Reads
 from semivit.errors import ConfigError
-from semivit.runtime.command import run_cli
+from semivit.runtime.command import check_unread, run_cli
 from semivit.runtime.layout import layout
 from semivit.runtime.lock import run_lock
 
-COMMANDS = {
-    "pretrain": "stage 0: MAE self-pre-training of the encoder on all training images",
-    "finetune": "stage 1a: supervised fine-tuning on the labeled subset",
-    "semi": "stage 1b: EMA-Teacher semi-supervised fine-tuning (Semi-ViT)",
-    "evaluate": "top-1/top-5 of a classifier folder (checkpoint=FOLDER) on the held-out split",
-    "pseudo-label": "label the training images with the EMA teacher (pseudo_labels.csv)",
+# name -> (help, the settings it reads besides the shared ones)
+COMMANDS: dict[str, tuple[str, Reads]] = {
+    "pretrain": (
+        "stage 0: MAE self-pre-training of the encoder on all training images",
+        Reads(("pretrain",)),
+    ),
+    "finetune": (
+        "stage 1a: supervised fine-tuning on the labeled subset",
+        Reads(("finetune",), {"checkpoint": ("model.init", "the weights fine-tuning starts from")}),
+    ),
+    "semi": (
+        "stage 1b: EMA-Teacher semi-supervised fine-tuning (Semi-ViT)",
+        Reads(("semi", "checkpoint")),
+    ),
+    "evaluate": (
+        "top-1/top-5 of a classifier folder (checkpoint=FOLDER) on the held-out split",
+        Reads(("checkpoint",)),
+    ),
+    "pseudo-label": (
+        "label the training images with the EMA teacher (pseudo_labels.csv)",
+        Reads(("pseudo_label", "checkpoint")),
+    ),
 }
+
+
+ALLOW_UNREAD_HELP = "run even if a key=value override is not read by the command (a warning instead of an error)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semivit", description="Semi-supervised ViT training (Semi-ViT) on Accelerate")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also DPT_DEBUG=1)")
+    p.add_argument("--allow-unread", action="store_true", help=ALLOW_UNREAD_HELP)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in COMMANDS.items():
+    for name, (help_, _) in COMMANDS.items():
         s = sub.add_parser(name, help=help_, description=help_)
         s.add_argument("--config", default=None, help="YAML file (configs/mnist5k.yaml when omitted)")
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+        s.add_argument("--allow-unread", action="store_true", default=argparse.SUPPRESS, help=ALLOW_UNREAD_HELP)
         s.add_argument("overrides", nargs="*", help="settings as key=value, e.g. output_dir=runs/a data.labels_per_class=10")
     return p
 
@@ -73,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = load_config(default_config(args.config), args.overrides)
+        check_unread("semivit", args.command, args.overrides, COMMANDS[args.command][1], args.allow_unread)
         with run_lock(cfg.run_dir, f"semivit {' '.join(argv)}", f"semivit {args.command}"):
             result = run(args.command, cfg)
         if isinstance(result, Path):

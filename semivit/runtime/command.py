@@ -12,7 +12,9 @@ Policy, applied by :func:`run_cli`:
 * anything else is a bug (an exception raised inside torch, timm, diffusers ... that validation
   did not foresee, an assertion, a ``KeyError``): the traceback stays, followed by one line that
   says so, exit code 1;
-* ``--debug`` or ``DPT_DEBUG=1`` prints the traceback for user errors too.
+* ``--debug`` or ``DPT_DEBUG=1`` prints the traceback for user errors too;
+* a ``key=value`` override the command does not read is a user error, reported before anything
+  runs (:func:`check_unread`); ``--allow-unread`` turns it into a warning line (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from semivit.errors import NonFiniteLoss, StopRequested, UserError
+from semivit.config.reads import Reads, unread_settings
+from semivit.errors import ConfigError, NonFiniteLoss, StopRequested, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
@@ -65,6 +68,18 @@ def run_cli(prog: str, command: str, body: Callable[[], object], debug: bool = F
         return EXIT_BUG
     finally:
         _leave_process_group(ok)
+
+
+def check_unread(prog: str, command: str, overrides: list[str], reads: Reads, allow: bool = False) -> list[str]:
+    """Raise a ``ConfigError`` naming every override ``<prog> <command>`` does not read; with
+    ``allow`` print each as a warning line instead. Returns the sentences."""
+    found = unread_settings(overrides, reads, f"{prog} {command}")
+    if found and not allow:
+        them = "it" if len(found) == 1 else "them"
+        raise ConfigError("; ".join(found) + f"; remove {them}, or pass --allow-unread to run anyway")
+    for sentence in found:
+        _say(prog, command, f"warning: {sentence}; ignored (--allow-unread)")
+    return found
 
 
 def _say(prog: str, command: str, text: str) -> None:

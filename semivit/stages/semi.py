@@ -107,7 +107,7 @@ def run_semi(
     K = bundle.num_classes
     tf = build_transforms(cfg.data, bundle)
     split = run_split(cfg, bundle.train, name)  # the run's labeled split, as fine-tuning saw it
-    view = tf.get("semi_labeled", tf["train"])
+    view = tf["train"]
     lab_loaders = labeled_loaders(trainer, bundle, split.labeled, view, cfg.semi.batch_size, synthetic, synthetic_ratio)
     unl_ds = TwoViewDataset(bundle.train, split.unlabeled, tf["weak"], tf["strong"])
     unl_loader = trainer.loader(unl_ds, sc.mu * sc.batch_size, shuffle=True)

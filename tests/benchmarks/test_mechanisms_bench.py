@@ -1,5 +1,6 @@
 """benchmarks/mechanisms_mnist.py on configs/tiny.yaml: every cell it promises is measured, paired
-with its K = 0 control, and the table, JSON and plot come out (the numbers mean nothing here)."""
+with its K = 0 control, and the table, JSON (with its provenance) and plot come out (the numbers mean
+nothing here)."""
 
 import json
 import subprocess
@@ -16,15 +17,17 @@ def test_mechanisms_benchmark_on_tiny(tmp_path):
     enc_run = tmp_path / "enc"
     run_pretrain(load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={enc_run}"]))
     encoder = enc_run / "stage0" / "encoder.safetensors"
-    out = tmp_path / "mech"
+    out, results = tmp_path / "mech", tmp_path / "results"
     cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "mechanisms_mnist.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-        "--out", str(out), "--labels", "2", "--seeds", "0", "--modes", "probe", "supervised", "--k", "3", "--pool", "4",
+        sys.executable, "-m", "benchmarks.mechanisms_mnist", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--out", str(out), "--results", str(results), "--labels", "2", "--seeds", "0", "--modes", "probe", "supervised", "--k", "3", "--pool", "4",
         "--filter", "0.05", "--encoder", str(encoder), "--mixup", "2", "--cas", "2", "--cas-modes", "probe",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((out / "mechanisms.json").read_text())
+    written = json.loads((results / "mechanisms.json").read_text())
+    assert written["provenance"]["command"].startswith("python -m benchmarks.mechanisms_mnist --config ")
+    rows = written["results"]
     assert len(rows) == 1 and (rows[0]["labels"], rows[0]["seed"]) == (2, 0)
     cells = rows[0]["cells"]
     for key in ("probe/none", "probe/pseudo-real", "probe/synthetic", "probe/synthetic-f", "supervised/none",
@@ -36,7 +39,7 @@ def test_mechanisms_benchmark_on_tiny(tmp_path):
     extra = json.loads((out / "l2_seed0" / "bench" / "probe_synthetic-f" / "metrics.json").read_text())
     assert extra["filter_conf"] == 0.05 and extra["source"] == "synthetic"
     assert "| probe | 2 | 1 |" in done.stdout and "pseudo mixup" in done.stdout
-    assert (out / "mechanisms.png").stat().st_size > 0
+    assert (results / "mechanisms.png").stat().st_size > 0
     # a second invocation reads every cell back instead of training again
     again = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert again.returncode == 0 and json.loads((out / "mechanisms.json").read_text()) == rows
+    assert again.returncode == 0 and json.loads((results / "mechanisms.json").read_text())["results"] == rows

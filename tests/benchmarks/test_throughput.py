@@ -1,6 +1,7 @@
-"""benchmarks/throughput.py: the --small run on the CPU writes sane rows; FLOP counting and peaks."""
+"""benchmarks/throughput.py: the --small run on the CPU writes sane rows with their provenance;
+FLOP counting and peaks."""
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -12,17 +13,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
 
 def _module():
-    """The script as a module (registered first: its dataclasses look their module up)."""
-    if "throughput_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["throughput_bench"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["throughput_bench"]
+    return importlib.import_module("benchmarks.throughput")
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +24,15 @@ def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput") / "small.json"
     # a process of its own: the benchmark makes its own Accelerator (a per-process singleton)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, str(SCRIPT), "--small", "--peak-tflops", "2", "--mixup-repeats", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    args = ["--small", "--peak-tflops", "2", "--mixup-repeats", "2", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", *args], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    written = json.loads(out.read_text())
+    provenance = written["provenance"]
+    assert provenance["command"] == "python -m benchmarks.throughput " + " ".join(args)
+    assert provenance["commit"] and "CPU cores" in provenance["machine"] and provenance["date"]
+    return written["results"], proc.stdout
 
 
 def test_small_run_rows_and_numbers(small_run):

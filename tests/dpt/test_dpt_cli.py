@@ -4,9 +4,11 @@ import csv
 import json
 
 import pytest
+from helpers.reads import only_read
 
 import dpt.train_diffusion as td
-from dpt.cli import build_parser, expand_overrides, main
+from dpt.cli import build_parser, expand_overrides
+from dpt.cli import main as dpt_main
 from semivit.config.load import load_config
 from semivit.runtime.loop import Trainer
 
@@ -22,6 +24,11 @@ TINY = [
     "diffusion.warmup_steps=2",
     "tensorboard=false",
 ]
+
+
+def main(argv):
+    """TINY holds diffusion settings for every command: each gets those it reads."""
+    return dpt_main(only_read("dpt", argv, TINY))
 
 
 def test_shortcuts_map_to_sections():

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.reads import only_read
 
-from semivit.cli import main
+from semivit.cli import main as semivit_main
 
 TINY = [
     "data.name=digits",
@@ -27,6 +28,11 @@ TINY = [
     "semi.tau=0.1",
     "semi.eval_every=1",
 ]
+
+
+def main(argv):
+    """TINY holds the settings of every stage: each command gets those it reads."""
+    return semivit_main(only_read("semivit", argv, TINY))
 
 
 def cli(out, *args):

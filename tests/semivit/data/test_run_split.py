@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers.reads import only_read
 from PIL import Image
 
-from semivit.cli import main
+from semivit.cli import main as semivit_main
 from semivit.config.load import load_config
 from semivit.data.run_split import run_split
 from semivit.data.sources import build_data
@@ -120,6 +121,11 @@ TINY = [
     "semi.eval_every=0",
     "pipeline.judge_epochs=1",
 ]
+
+
+def main(argv):
+    """TINY holds the settings of every stage: each command gets those it reads."""
+    return semivit_main(only_read("semivit", argv, TINY))
 
 
 def test_stages_read_the_run_split_and_the_judge_leaves_it_alone(tmp_path):
