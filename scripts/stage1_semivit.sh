@@ -7,5 +7,5 @@ usage_check "$@"
 CONFIG=$1; shift
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then NPROC=$1; shift; fi
 for step in pretrain finetune semi pseudo-label; do
-  launch semivit "$step" --config "$CONFIG" "$@"
+  launch semivit "$step" --allow-unread --config "$CONFIG" "$@"  # each step reads its own keys of "$@"
 done

@@ -6,5 +6,5 @@ source "$(dirname "$0")/_launch.sh"
 usage_check "$@"
 CONFIG=$1; shift
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then NPROC=$1; shift; fi
-launch dpt train-diffusion --config "$CONFIG" "$@"
-launch dpt generate --config "$CONFIG" "$@"
+launch dpt train-diffusion --allow-unread --config "$CONFIG" "$@"
+launch dpt generate --allow-unread --config "$CONFIG" "$@"

@@ -6,5 +6,5 @@ source "$(dirname "$0")/_launch.sh"
 usage_check "$@"
 CONFIG=$1; shift
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then NPROC=$1; shift; fi
-launch dpt retrain --config "$CONFIG" "$@"
+launch dpt retrain --allow-unread --config "$CONFIG" "$@"
 launch dpt run --config "$CONFIG" "$@"   # stages 0-3 are done by now: this trains the judge if missing and reports
