@@ -104,10 +104,20 @@ def real_spread(images, chunk: int, threshold: int = THRESHOLD, seed: int = 0) -
                                                                                          "chunk": chunk}
 
 
-def load_images(source, indices=None) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (N, H, W), labels) of an ImageSource (grayscale)."""
+def load_images(source, indices=None, size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, H, W), labels) of an ImageSource (grayscale), resized to ``size`` x ``size`` when
+    ``size`` > 0 and the images differ (bilinear, as the generator's training data)."""
+    from PIL import Image
+
     idx = range(len(source)) if indices is None else indices
-    imgs = np.stack([np.asarray(source.load(int(i)).convert("L")) for i in idx])
+
+    def one(i):
+        img = source.load(int(i)).convert("L")
+        if size and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img)
+
+    imgs = np.stack([one(i) for i in idx])
     return imgs, np.asarray(source.targets)[list(idx)]
 
 
