@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.record import result_dir, run_dir, write_result
 from semivit.config.load import load_config
@@ -99,7 +100,21 @@ class PixelJudge:
         self.seed = seed
         cache = out / "pixel_judge.json"
         info = read_json(cache) if cache.is_file() else {}
-        self.judge = self._fit(self.train, self.train_labels)
+        weights = out / "pixel_judge.safetensors"
+        if weights.is_file() and "judge_test_top1" in info:
+            from dpt.quality import small_cnn
+            from semivit.files import load_weights
+
+            self.judge = small_cnn(self.k)
+            self.judge(torch.zeros(1, 1, *self.train.shape[1:]))  # materialise the lazy head
+            self.judge.load_state_dict(load_weights(weights))
+            self.judge.eval()
+        else:
+            from semivit.files import save_weights
+
+            self.judge = self._fit(self.train, self.train_labels)
+            save_weights(self.judge.state_dict(), weights)
+            info.pop("judge_test_top1", None)
         if "judge_test_top1" not in info:
             from dpt.quality import cnn_accuracy
 
