@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shutil
 import time
@@ -260,7 +261,8 @@ def main() -> None:
     rows = []
     for spec in args.variant:
         name, _, over = spec.partition(":")
-        rows.append(measure(args, name, [o for o in over.split(",") if o], pixel))
+        # commas separate settings, not the items of a list value: a=1,b=[16,32,64]
+        rows.append(measure(args, name, [o for o in re.split(r",(?=[\w.]+=)", over) if o], pixel))
         print(table(rows[-1:]), flush=True)
     print(table(rows))
     tag = f"{'oracle' if not args.run else Path(args.run).name}_n{args.n}_seed{args.seed}"

@@ -8,6 +8,9 @@ sees speckles (isolated bright pixels on the background, strokes broken into pie
     fragments             mean number of 8-connected foreground pieces per image (a clean digit
                           has 1, seldom 2; speckles and broken strokes add pieces)
     total_variation       mean over images of sum(|dx|) + sum(|dy|) per pixel, intensities in [0, 1]
+    grid_edge_ratio       mean |intensity step| across the edges every ``period`` pixels (the
+                          borders of a generator's P x P patches) over that across all other
+                          edges: a patch-wise decoder that does not join its patches shows it
 
 ``texture_measures`` gives all three for one set; ``real_spread`` the range of each over disjoint
 chunks of a real set, chunks as large as the synthetic set (its own sampling spread), so a
@@ -24,7 +27,8 @@ import numpy as np
 from dpt.errors import DPTError
 
 THRESHOLD = 128  # foreground: at least half the full intensity
-MEASURES = ("isolated_pixel_rate", "fragments", "total_variation")
+MEASURES = ("isolated_pixel_rate", "fragments", "total_variation", "grid_edge_ratio")
+PERIOD = 4  # the default generator's patch size at the time the measure was introduced
 
 
 def as_gray_array(images) -> np.ndarray:
@@ -78,8 +82,24 @@ def total_variation_per_image(images) -> np.ndarray:
     return tv / (x.shape[1] * x.shape[2])
 
 
-def texture_measures(images, threshold: int = THRESHOLD) -> dict:
-    """The three measures of one image set (see the module's docstring)."""
+def grid_edge_ratio(images, period: int = PERIOD) -> float:
+    """Mean absolute intensity step across the edges between pixel k and k+1 with (k+1) % period
+    == 0 (rows and columns), over the mean step across all other edges."""
+    x = as_gray_array(images).astype(np.float32) / 255.0
+    if period < 2 or min(x.shape[1:]) <= period:
+        raise DPTError(f"grid_edge_ratio needs 2 <= period < image size (got period {period}, size {x.shape[1:]})")
+    dy = np.abs(np.diff(x, axis=1)).mean(axis=(0, 2))  # one value per horizontal edge line
+    dx = np.abs(np.diff(x, axis=2)).mean(axis=(0, 1))
+    ratios = []
+    for d in (dy, dx):
+        on = (np.arange(len(d)) + 1) % period == 0
+        ratios.append((d[on].mean(), d[~on].mean()))
+    on, off = sum(r[0] for r in ratios), sum(r[1] for r in ratios)
+    return float(on / max(off, 1e-9)) if on > 0 else 1.0  # finite, for JSON
+
+
+def texture_measures(images, threshold: int = THRESHOLD, period: int = PERIOD) -> dict:
+    """The measures of one image set (see the module's docstring)."""
     arr = as_gray_array(images)
     if len(arr) == 0:
         raise DPTError("texture measures need at least one image")
@@ -87,6 +107,7 @@ def texture_measures(images, threshold: int = THRESHOLD) -> dict:
         "isolated_pixel_rate": isolated_pixel_rate(arr, threshold),
         "fragments": float(fragments_per_image(arr, threshold).mean()),
         "total_variation": float(total_variation_per_image(arr).mean()),
+        "grid_edge_ratio": grid_edge_ratio(arr, period),
         "num_images": int(len(arr)),
     }
 

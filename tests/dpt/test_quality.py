@@ -9,6 +9,7 @@ from dpt.errors import DPTError
 from dpt.quality import (
     comparison_grid,
     fragments_per_image,
+    grid_edge_ratio,
     isolated_pixel_rate,
     real_spread,
     texture_measures,
@@ -102,3 +103,15 @@ def test_comparison_grid(tmp_path):
     assert isolated_pixel_rate(right[None]) > isolated_pixel_rate(left[None])
     with pytest.raises(DPTError, match="share no class"):
         comparison_grid(real, labels, fake, labels + 5, out)
+
+
+def test_grid_edge_ratio_sees_patch_seams():
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.normal(size=(16, 28, 28)), axis=2)  # random walks along rows: no seams
+    smooth = ((smooth - smooth.min()) / np.ptp(smooth) * 255).astype(np.uint8)
+    blocky = np.kron(rng.integers(0, 256, size=(16, 7, 7)), np.ones((4, 4))).astype(np.uint8)  # 4x4 blocks
+    assert grid_edge_ratio(smooth) == pytest.approx(1.0, abs=0.15)
+    assert grid_edge_ratio(blocky) > 10  # every step sits on a patch border
+    assert grid_edge_ratio(blocky, period=3) < grid_edge_ratio(blocky)
+    with pytest.raises(DPTError, match="period"):
+        grid_edge_ratio(smooth, period=1)
