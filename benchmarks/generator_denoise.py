@@ -117,18 +117,20 @@ def main() -> None:
     result = {"model": args.model,
               "one_step_conditional": one_step(model, sched_cfg, meta, imgs, labels, ts, 1.0),
               "one_step_guided": one_step(model, sched_cfg, meta, imgs, labels, ts, args.guidance),
-              "path": path(model, sched_cfg, meta, args.sampler, args.steps, args.guidance, args.per_class),
+              "path": path(model, sched_cfg, meta, args.sampler, args.steps, args.guidance, args.per_class)
+              if args.per_class > 0 else [],
               "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}
     result["cpu_seconds"] = time.process_time() - c0
-    print(f"{'t':>5} {'sigma':>6} {'w':>4} {'mse':>7} {'iso% est':>9} {'frag est':>8} {'iso% x_t':>9}")
+    print(f"{'t':>5} {'sigma':>6} {'w':>4} {'mse':>7} {'iso% est':>9} {'frag est':>8} {'seams est':>9} {'iso% x_t':>9}")
     for r in result["one_step_conditional"] + result["one_step_guided"]:
         print(f"{r['t']:>5} {r['sigma']:6.3f} {r['w']:4.1f} {r['mse']:7.4f} {100 * r['estimate']['isolated_pixel_rate']:9.3f}"
-              f" {r['estimate']['fragments']:8.2f} {100 * r['noisy_input']['isolated_pixel_rate']:9.3f}")
+              f" {r['estimate']['fragments']:8.2f} {r['estimate']['grid_edge_ratio']:9.2f}"
+              f" {100 * r['noisy_input']['isolated_pixel_rate']:9.3f}")
     print("sampling path (clipped clean-image estimate per step):")
     for r in result["path"]:
         e = r["estimate"]
         print(f"  t={r['t']!s:>5}  isolated {100 * e['isolated_pixel_rate']:6.3f} %  fragments {e['fragments']:5.2f}"
-              f"  TV {e['total_variation']:.3f}")
+              f"  TV {e['total_variation']:.3f}  seams {e['grid_edge_ratio']:.2f}")
     out = Path(args.out) if args.out else result_dir("benchmarks.generator_mnist") / f"denoise_{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_result(out, result)
