@@ -43,6 +43,7 @@ from semivit.config.load import load_config
 from semivit.files import atomic_write_json, pyplot, read_json
 from semivit.runtime.layout import METRICS, RELATIVE, RunLayout
 
+SCRIPT = "benchmarks.generator_mnist"  # run_dir / result_dir name (__name__ is __main__ under -m)
 TRAIN_KEYS = ("diffusion.",)  # a variant that changes these trains its own generator
 
 
@@ -250,8 +251,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="key=value for every variant")
     args = p.parse_args()
     args.judge = args.judge or (str(Path(args.run) / "judge") if args.run else "")
-    args.out = args.out or (str(Path(args.run) / "generators") if args.run else str(run_dir(__name__)))
-    results = Path(args.results or result_dir(__name__))
+    args.out = args.out or (str(Path(args.run) / "generators") if args.run else str(run_dir(SCRIPT)))
+    results = Path(args.results or result_dir(SCRIPT))
     results.mkdir(parents=True, exist_ok=True)
     pixel = None
     if not args.run:
