@@ -212,13 +212,13 @@ def grids(rows: list[dict], out: Path, path: Path) -> None:
     fig, axes = plt.subplots(len(rows), 1, figsize=(7, 4.2 * len(rows)), squeeze=False)
     for ax, r in zip(axes[:, 0], rows, strict=True):
         t = r["texture_synthetic"]
-        ax.imshow(Image.open(out / r["variant"] / "real_vs_synthetic.png"), cmap="gray")
+        ax.imshow(Image.open(out / r["variant"] / "real_vs_synthetic.png"), cmap="gray", interpolation="nearest")
         ax.set_title(f"{r['variant']}: real (left) | synthetic (right)\nisolated px {100 * t['isolated_pixel_rate']:.2f} %"
                      f"  fragments {t['fragments']:.2f}  class acc {r['synthetic_class_acc']:.1f}"
                      f"  CAS {r['cas_synthetic']:.1f} (real {r['cas_real']:.1f})", fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
