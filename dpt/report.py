@@ -113,6 +113,7 @@ def run_report(cfg: Config) -> dict:
         )
     fid = run_fid(fid_cfg)
     acc = synthetic_class_accuracy(classifier, synthetic) if classifier else {}
+    texture = _texture(cfg, synthetic, run / TEXTURE_GRID) if distributed_state().is_main_process else None
     summary.update(
         synthetic_class_acc=acc.get("synthetic_class_acc"),
         synthetic_class_acc_per_class=acc.get("per_class"),
@@ -120,6 +121,7 @@ def run_report(cfg: Config) -> dict:
         fid_features=fid.get("fid_features"),
         fid_num_real=fid.get("num_real"),
         fid_num_fake=fid.get("num_fake"),
+        texture=texture,
         stage_seconds=stage_seconds(cfg),
         stage_resources=stage_resources(cfg),
         smoke=cfg.smoke,
@@ -131,6 +133,36 @@ def run_report(cfg: Config) -> dict:
         logger.info("wrote %s and %s", paths.summary, paths.report)
     distributed_state().wait_for_everyone()
     return summary
+
+
+TEXTURE_GRID = "real_vs_synthetic.png"
+
+
+def _texture(cfg: Config, synthetic: Path, grid: Path) -> dict | None:
+    """dpt.quality's texture measures of the synthetic and the held-out real images, and the grid
+    of both side by side (None for colour data or without a synthetic set)."""
+    from dpt.quality import synthetic_vs_real
+    from semivit.data.sources import build_data
+
+    bundle = build_data(cfg.data)
+    if bundle.channels != 1 or not (synthetic / "manifest.csv").is_file():
+        return None
+    return synthetic_vs_real(synthetic, bundle.test, grid)
+
+
+def _texture_rows(t: dict | None) -> str:
+    if not t:
+        return ""
+    s, r, spread = t["synthetic"], t["real"], t["real_spread"]
+    return (
+        f"| isolated foreground pixels (no 8-neighbour), synthetic / held-out real (real spread, "
+        f"{spread['chunk']} images) | {100 * s['isolated_pixel_rate']:.3f} / {100 * r['isolated_pixel_rate']:.3f} % "
+        f"({100 * spread['isolated_pixel_rate'][0]:.3f}-{100 * spread['isolated_pixel_rate'][1]:.3f}) |\n"
+        f"| foreground pieces per digit, synthetic / real (real spread) | {s['fragments']:.2f} / {r['fragments']:.2f} "
+        f"({spread['fragments'][0]:.2f}-{spread['fragments'][1]:.2f}) |\n"
+        f"| total variation per pixel, synthetic / real (real spread) | {s['total_variation']:.3f} / "
+        f"{r['total_variation']:.3f} ({spread['total_variation'][0]:.3f}-{spread['total_variation'][1]:.3f}) |\n"
+    )
 
 
 def _per_class_table(run: Path) -> str:
@@ -169,6 +201,7 @@ def render_report(cfg: Config, summary: dict) -> str:
     for rel, caption in [
         (RELATIVE.results_plot, "Top-1 of each classifier"),
         (RELATIVE.synthetic / GRID, "Synthetic images, one row per class"),
+        (Path(TEXTURE_GRID), "Real held-out digits (left) beside synthetic digits of the same classes (right)"),
         (RELATIVE.reconstruction, "MAE reconstructions (stage 0)"),
         (RELATIVE.semi / CURVES, "Semi-ViT training curves (stage 1)"),
         (RELATIVE.stage2 / CURVES, "Diffusion training loss (stage 2)"),
@@ -191,7 +224,7 @@ Each top-1 is the final EMA model of its stage on the held-out split.
 | pseudo-label accuracy on the unlabeled images | {_fmt(summary.get("pseudo_label_acc"))} % |
 | synthetic class accuracy (ceiling model as judge) | {_fmt(summary.get("synthetic_class_acc"))} % |
 | FID, features `{summary.get("fid_features")}`, {summary.get("fid_num_real")} real (held-out) vs {summary.get("fid_num_fake")} synthetic | {_fmt(summary.get("fid"))} |
-
+{_texture_rows(summary.get("texture"))}
 ## Per-class top-1 %
 
 {_per_class_table(run)}

@@ -40,7 +40,7 @@ def predict(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null_
     )
     return guided_prediction(both, w)
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 
 
 def make_noise_scheduler(dcfg: DiffusionConfig, latent: bool) -> DDPMScheduler:
@@ -77,14 +77,18 @@ def make_sampler(train_scheduler_config, sampler: str):
         return DDPMScheduler.from_config(train_scheduler_config)
     if sampler == "ddim":
         return ClippedDDIMScheduler.from_config(train_scheduler_config)
-    if sampler == "dpmsolver++":
+    if sampler in ("dpmsolver++", "sde-dpmsolver++"):
         # In pixel space (clip_sample) the predicted clean image is clipped to [-1, 1], as DDPM and
         # DDIM do: with a cosine schedule alpha_bar(T) ~ 1e-9, so the first x0 estimate amplifies
         # the model's error ~1e4-fold, and an unclipped data-prediction solver turns it into noise.
         # (Dynamic thresholding with sample_max_value=1 is exactly that clip.)
+        # sde-dpmsolver++ (Lu et al., 2022, the SDE form) adds fresh noise at every step, as DDPM
+        # does: errors of the clean-image estimate made at one step are partly washed out by the
+        # next instead of being carried along the deterministic path; the images are then a
+        # function of their per-image generators (see sample()).
         pixel = bool(dict(train_scheduler_config).get("clip_sample", False))
         return DPMSolverMultistepScheduler.from_config(
-            train_scheduler_config, algorithm_type="dpmsolver++", thresholding=pixel, sample_max_value=1.0
+            train_scheduler_config, algorithm_type=sampler, thresholding=pixel, sample_max_value=1.0
         )
     raise DPTError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)} (generate.sampler)")
 

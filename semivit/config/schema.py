@@ -180,7 +180,7 @@ class GenerateConfig:
     classes: str = ""  # comma-separated class names or ids; empty: all
     guidance_scale: float = 2.0
     guidance_min_t: float = 0.0  # > 0: guide only steps with t >= this share of the timesteps (e.g. 0.3)
-    sampler: str = "dpmsolver++"  # ddpm | ddim | dpmsolver++
+    sampler: str = "dpmsolver++"  # ddpm | ddim | dpmsolver++ | sde-dpmsolver++ (stochastic, as DDPM)
     steps: int = 25
     batch_size: int = 250
     seed: int = 0
@@ -385,7 +385,7 @@ _RULES: dict[str, str | tuple] = {
     "generate.num_per_class": ">= 0",
     "generate.guidance_scale": ">= 0",
     "generate.guidance_min_t": "[0, 1)",
-    "generate.sampler": ("ddpm", "ddim", "dpmsolver++"),
+    "generate.sampler": ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"),
     "generate.steps": ">= 1",
     "generate.batch_size": ">= 1",
     "generate.seed": ">= 0",

@@ -54,6 +54,12 @@ def check_contracts(run: Path) -> dict:
         assert (run / png).stat().st_size > 0
     report = (run / "report.md").read_text()
     assert "Semi-ViT" in report and "FID" in report
+    # texture measures of both image sets, and the real-vs-synthetic grid (dpt.quality)
+    texture = summary["texture"]
+    assert texture["synthetic"]["num_images"] == 40 and texture["real"]["num_images"] > 0
+    assert 0.0 <= texture["synthetic"]["isolated_pixel_rate"] <= 1.0
+    assert "isolated foreground pixels" in report and "real_vs_synthetic.png" in report
+    assert (run / "real_vs_synthetic.png").stat().st_size > 0
     return summary
 
 

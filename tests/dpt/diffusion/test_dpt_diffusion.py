@@ -126,7 +126,7 @@ def test_drop_labels_rate_and_null():
 # --- sampling and the saved folder ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"])
 def test_sampling_is_per_image_deterministic(sampler):
     torch.manual_seed(0)
     model = build_denoiser(tiny_cfg(), 3, channels=1, sample_size=8).eval()
@@ -208,7 +208,7 @@ def test_build_errors():
         build_denoiser(tiny_cfg(model="gan"), 2, 1, 8)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"])
 def test_samplers_reach_the_data_with_an_imperfect_denoiser(sampler, monkeypatch):
     """One-image data set: the exact noise prediction is known. With 5% error on it every sampler must
     still land on the image (an unclipped DPM-Solver++ on the cosine schedule returns noise)."""
