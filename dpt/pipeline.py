@@ -42,6 +42,10 @@ _ADDED_OFF = {
     ("retrain", "filter_conf", 0.0): ("filter_conf",),
     ("diffusion", "min_snr_gamma", 0.0): ("min_snr_gamma",),
     ("generate", "guidance_min_t", 0.0): ("guidance_min_t",),
+    ("data", "labeled_csv", ""): ("labeled_csv",),
+    ("data", "unlabeled", ""): ("unlabeled",),
+    ("data", "val_csv", ""): ("val_csv",),
+    ("data", "skip_unreadable", False): ("skip_unreadable",),
 }
 
 
