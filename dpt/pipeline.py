@@ -85,6 +85,12 @@ def _lazy(module: str, name: str) -> Callable[[Config], object]:
     return run
 
 
+def _given_labels(cfg: Config) -> bool:
+    from semivit.data.sources import uses_given_labels
+
+    return uses_given_labels(cfg.data)
+
+
 def _run_judge(cfg):
     from semivit.stages.finetune import run_finetune
 
@@ -133,7 +139,8 @@ STAGES: list[Stage] = [
         ("pretrain",),
         _run_judge,
         _judge_config,
-        lambda cfg: cfg.pipeline.judge,
+        # your own data has no hidden labels: no classifier can be trained on every label
+        lambda cfg: cfg.pipeline.judge and not _given_labels(cfg),
         split_free=True,
     ),
     Stage(
