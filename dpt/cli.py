@@ -50,6 +50,14 @@ def _retrain(cfg):
     return run_retrain(cfg)
 
 
+def _export(cfg):
+    from dpt.export import run_export
+
+    out = run_export(cfg)
+    print(f"dpt export-pseudo-labels: wrote {out}")
+    return out
+
+
 def _run(cfg, start: str | None = None, until: str | None = None):
     from dpt.pipeline import run_pipeline
 
@@ -82,6 +90,12 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
         ("mode", "source", "synthetic", "synthetic_per_class", "synthetic_ratio", "filter_conf", "init", "synthetic_only",
          "probe_l2", "probe_folds"),
         "the classifier retrained on real labeled + synthetic (or control) images (stage 3)",
+    ),
+    "export-pseudo-labels": (
+        _export,
+        "export",
+        ("out", "mode", "min_confidence", "include_labeled"),
+        "the pseudo-labeled training images as an ImageFolder (<class>/ links or copies + labels.csv)",
     ),
     "run": (_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report"),
 }

@@ -472,6 +472,32 @@ def _listed_labeled(path: Path, setting: str, classes: list[str] | None, not_ima
     return classes, [paths[k] for k in keep], [index[labels[k]] for k in keep]
 
 
+def list_images(where: str, setting: str) -> tuple[list[str], int]:
+    """The images of a folder (any depth) or a list file, and how many other files were skipped."""
+    path = Path(where).expanduser()
+    if not where or not path.exists():
+        raise DataError(f"{setting}='{where}' not found: give a folder of images or a list file (one path per line)")
+    not_images: list = []
+    paths = _unlabeled_files(path, setting, not_images)
+    _log_not_images(not_images, USER_IMAGE_EXTENSIONS)
+    if not paths:
+        raise DataError(f"{setting}='{where}' holds no images ({', '.join(USER_IMAGE_EXTENSIONS)})")
+    return paths, len(not_images)
+
+
+def readable_images(paths: list[str], skip: bool, setting: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """``paths`` without the unreadable ones when ``skip``, else an error naming them."""
+    bad = _unreadable(paths)
+    if bad and not skip:
+        shown = "; ".join(f"'{p}' ({why})" for p, why in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DataError(
+            f"{len(bad)} images of {setting} cannot be read: {shown}. Remove or replace them, or set "
+            "data.skip_unreadable=true to leave them out"
+        )
+    drop = {p for p, _ in bad}
+    return [p for p in paths if p not in drop], bad
+
+
 def _unreadable(paths: list[str]) -> list[tuple[str, str]]:
     """Files whose image header cannot be read (cheap: the pixels are decoded when used)."""
     bad = []
