@@ -68,6 +68,7 @@ def make_own_data(
         save_image(p, _image(rng, c, k + i, (14 + 3 * (i % 5), 20)), mode)
         paths.append(str(p))
         hidden.append(c)
+    (root / "unlabeled" / "a").mkdir(parents=True, exist_ok=True)
     (root / "unlabeled" / "a" / "notes.txt").write_text("not an image")
     (root / "labeled" / classes[0] / "Thumbs.db").write_bytes(b"\0\1")
     return {"unlabeled": paths, "hidden": hidden}
