@@ -3,6 +3,11 @@
 A data set is an :class:`ImageSource`: a sorted list of samples with integer labels and a
 ``load(i) -> PIL.Image``. In-memory sets (MNIST-5k, sklearn digits, CIFAR) and folders on disk
 look the same to the training code, which only ever sees index lists into a source.
+
+``data.name=imagefolder`` reads two layouts: your own data (``labeled/<class>/``, ``unlabeled/`` of
+any depth, optional ``val/<class>/``; or list files), where the labeled images are given and the
+unlabeled ones carry the target ``UNKNOWN``; and the benchmark layout (``train/<class>/`` +
+``val/<class>/``), where every image has a label and the split hides most of them.
 """
 
 from __future__ import annotations
