@@ -472,8 +472,9 @@ def _listed_labeled(path: Path, setting: str, classes: list[str] | None, not_ima
                 "both need the same class names"
             )
     index = {c: i for i, c in enumerate(classes)}
-    keep = [k for k, p in enumerate(paths) if Path(p).suffix.lower() in USER_IMAGE_EXTENSIONS]
-    not_images += [paths[k] for k in range(len(paths)) if k not in set(keep)]
+    is_image = [Path(p).suffix.lower() in USER_IMAGE_EXTENSIONS for p in paths]
+    not_images += [p for p, ok in zip(paths, is_image, strict=True) if not ok]
+    keep = [k for k, ok in enumerate(is_image) if ok]
     return classes, [paths[k] for k in keep], [index[labels[k]] for k in keep]
 
 
@@ -613,7 +614,8 @@ def _given_labels_layout(cfg: DataConfig, channels: int) -> tuple[ImageSource, I
         keep = [k for k, p in enumerate(te_paths) if p not in drop]
         te_paths, te_targets = [te_paths[k] for k in keep], [te_targets[k] for k in keep]
         skipped = tuple(f"{p}\t{why}" for p, why in bad)
-        empty = [c for k, c in enumerate(classes) if k not in set(lab_targets)]
+        still = set(lab_targets)
+        empty = [c for k, c in enumerate(classes) if k not in still]
         if empty:
             raise DataError(f"after leaving out unreadable images, classes {examples(empty)} have no labeled image")
     dups = _duplicates(lab_paths, unl_paths)
