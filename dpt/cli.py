@@ -54,6 +54,14 @@ def _retrain(cfg):
     return run_retrain(cfg)
 
 
+def _export(cfg):
+    from dpt.export import run_export
+
+    out = run_export(cfg)
+    print(f"dpt export-pseudo-labels: wrote {out}")
+    return out
+
+
 def _run(cfg, start: str | None = None, until: str | None = None):
     from dpt.pipeline import run_pipeline
 
@@ -102,6 +110,13 @@ COMMANDS: dict[str, Command] = {
             ("retrain", "semi", "finetune", "pseudo_label"),
             {"checkpoint": ("retrain.init", "the weights stage 3 starts from (stage0, stage1 or PATH)")},
         ),
+    ),
+    "export-pseudo-labels": Command(
+        _export,
+        "export",
+        ("out", "mode", "min_confidence", "include_labeled"),
+        "the pseudo-labeled training images as an ImageFolder (<class>/ links or copies + labels.csv)",
+        Reads(("export",)),
     ),
     "run": Command(_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report", Reads((EVERYTHING,))),
 }

@@ -42,6 +42,10 @@ _ADDED_OFF = {
     ("retrain", "filter_conf", 0.0): ("filter_conf",),
     ("diffusion", "min_snr_gamma", 0.0): ("min_snr_gamma",),
     ("generate", "guidance_min_t", 0.0): ("guidance_min_t",),
+    ("data", "labeled_csv", ""): ("labeled_csv",),
+    ("data", "unlabeled", ""): ("unlabeled",),
+    ("data", "val_csv", ""): ("val_csv",),
+    ("data", "skip_unreadable", False): ("skip_unreadable",),
 }
 
 
@@ -79,6 +83,12 @@ def _lazy(module: str, name: str) -> Callable[[Config], object]:
 
     run.__name__ = name
     return run
+
+
+def _given_labels(cfg: Config) -> bool:
+    from semivit.data.sources import uses_given_labels
+
+    return uses_given_labels(cfg.data)
 
 
 def _run_judge(cfg):
@@ -129,7 +139,8 @@ STAGES: list[Stage] = [
         ("pretrain",),
         _run_judge,
         _judge_config,
-        lambda cfg: cfg.pipeline.judge,
+        # your own data has no hidden labels: no classifier can be trained on every label
+        lambda cfg: cfg.pipeline.judge and not _given_labels(cfg),
         split_free=True,
     ),
     Stage(

@@ -29,7 +29,7 @@ from semivit.models.classifier import classifier_meta, save_classifier
 from semivit.runtime.accelerator import make_accelerator
 from semivit.runtime.layout import CONFIG, LABEL_SPLIT, METRICS
 from semivit.stages.common import build_classifier, make_loader
-from semivit.stages.evaluate import accuracy_metrics, make_test_loader, predict
+from semivit.stages.evaluate import accuracy_metrics, make_test_loader, pct, predict
 
 logger = logging.getLogger("dpt")
 
@@ -161,7 +161,7 @@ def run_probe(cfg: Config, bundle, out: Path, init: str, labeled_idx: np.ndarray
         "init": init,
         "seconds": round(time.time() - t0, 1),
     }
-    logger.info("probe (L2 %g, %d training images, %d features): top1 %.2f", l2, len(yt), x_real.shape[1], m["top1"])
+    logger.info("probe (L2 %g, %d training images, %d features): top1 %s", l2, len(yt), x_real.shape[1], pct(m["top1"]))
     if accelerator.is_main_process:
         from semivit.config.load import save_config
         from semivit.data.split import save_label_split

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 from semivit.config.schema import Config
-from semivit.errors import ConfigError
+from semivit.data.sources import uses_given_labels
+from semivit.errors import ConfigError, UserError
 from semivit.files import atomic_path, atomic_write_json, atomic_write_text, pyplot, read_json
 from semivit.runtime.layout import CURVES, GRID, META, METRICS, RELATIVE, layout
 
@@ -51,9 +52,7 @@ def format_table(summary: dict) -> str:
         lines.append(f"{label:<58} {_fmt(summary.get(key)):>8}")
     lines.append("-" * 67)
     lines.append(f"{'pseudo-label accuracy (unlabeled images)':<58} {_fmt(summary.get('pseudo_label_acc')):>8}")
-    lines.append(
-        f"{'synthetic class accuracy (judged by the ceiling model)':<58} {_fmt(summary.get('synthetic_class_acc')):>8}"
-    )
+    lines.append(f"{'synthetic class accuracy':<58} {_fmt(summary.get('synthetic_class_acc')):>8}")
     fid = summary.get("fid")
     lines.append(f"{'FID (' + str(summary.get('fid_features')) + ')':<58} {_fmt(fid):>8}")
     return "\n".join(lines)
@@ -98,11 +97,19 @@ def run_report(cfg: Config) -> dict:
     pl_file = paths.pseudo_labels_json
     pl = read_json(pl_file) if pl_file.is_file() else {}
     summary["pseudo_label_acc"] = pl.get("accuracy", pl.get("pseudo_label_acc"))
+    given = uses_given_labels(cfg.data)
+    unavailable = not_available(summary, given)
 
-    # the judge: fid.classifier if set, else this run's ceiling model (pipeline.judge)
+    # the judge: fid.classifier if set, else this run's ceiling model (pipeline.judge); your own data
+    # has no ceiling model, so the stage-1 Semi-ViT model (it saw no hidden label) judges instead
     classifier = cfg.fid.classifier or (str(judge) if (judge / META).is_file() else "")
+    if not classifier and given and (paths.semi / META).is_file():
+        classifier = str(paths.semi)
+    summary["synthetic_class_acc_judge"] = _judge_name(cfg, classifier, paths)
     fid_cfg = copy.deepcopy(cfg)
-    fid_cfg.fid.real = cfg.fid.real or "test"
+    # FID against the real images the run has: the held-out ones, else (your own data without val/)
+    # the training images, labeled + unlabeled
+    fid_cfg.fid.real = cfg.fid.real or ("train" if given and not summary["num_test"] else "test")
     fid_cfg.fid.fake = cfg.fid.fake or str(synthetic)
     fid_cfg.fid.classifier = classifier
     fid_cfg.fid.out = cfg.fid.out or str(paths.fid_json)
@@ -111,9 +118,19 @@ def run_report(cfg: Config) -> dict:
             "fid.features=classifier needs a judge: set pipeline.judge=true, fid.classifier=DIR, "
             "or fid.features=inception with fid.inception_weights=FILE"
         )
-    fid = run_fid(fid_cfg)
+    if given:
+        try:
+            fid = run_fid(fid_cfg)
+        except UserError as e:  # e.g. too few images of your own: the rest of the report still counts
+            logger.warning("FID not measured: %s", e)
+            fid = {}
+            unavailable["fid"] = f"not measured: {e}"
+    else:
+        fid = run_fid(fid_cfg)
     acc = synthetic_class_accuracy(classifier, synthetic) if classifier else {}
     texture = _texture(cfg, synthetic, run / TEXTURE_GRID) if distributed_state().is_main_process else None
+    if not classifier:
+        unavailable.setdefault("synthetic_class_acc", "no judge classifier (pipeline.judge=false, fid.classifier unset)")
     summary.update(
         synthetic_class_acc=acc.get("synthetic_class_acc"),
         synthetic_class_acc_per_class=acc.get("per_class"),
@@ -122,6 +139,9 @@ def run_report(cfg: Config) -> dict:
         fid_num_real=fid.get("num_real"),
         fid_num_fake=fid.get("num_fake"),
         texture=texture,
+        fid_real=fid_cfg.fid.real,
+        given_labels=given,
+        not_available=unavailable,
         stage_seconds=stage_seconds(cfg),
         stage_resources=stage_resources(cfg),
         smoke=cfg.smoke,
@@ -145,7 +165,7 @@ def _texture(cfg: Config, synthetic: Path, grid: Path) -> dict | None:
     from semivit.data.sources import build_data
 
     bundle = build_data(cfg.data)
-    if bundle.channels != 1 or not (synthetic / "manifest.csv").is_file():
+    if bundle.channels != 1 or len(bundle.test) == 0 or not (synthetic / "manifest.csv").is_file():
         return None
     return synthetic_vs_real(synthetic, bundle.test, grid)
 
@@ -165,6 +185,44 @@ def _texture_rows(t: dict | None) -> str:
     )
 
 
+NO_HIDDEN_LABELS = (
+    "your own data (labeled/ + unlabeled/ or data.labeled_csv): the unlabeled images have no true label"
+)
+NO_HELD_OUT = "no held-out images (no val/ or test/ folder under data.root, data.val_csv unset)"
+
+
+def not_available(summary: dict, given: bool) -> dict:
+    """The measures this run cannot have, each with its reason; their values stay None (never a
+    number computed from something else)."""
+    out: dict = {}
+    if given:
+        out["pseudo_label_acc"] = f"needs the unlabeled images' true labels; {NO_HIDDEN_LABELS}"
+        out["ceiling_top1"] = f"the ceiling classifier is trained on every training label; {NO_HIDDEN_LABELS}"
+        summary["pseudo_label_acc"] = summary["ceiling_top1"] = None
+    if summary.get("num_test") == 0:
+        for key, _, _ in ROWS:
+            out.setdefault(key, NO_HELD_OUT)
+            summary[key] = None
+    return out
+
+
+def _judge_name(cfg: Config, classifier: str, paths) -> str | None:
+    if not classifier:
+        return None
+    if cfg.fid.classifier:
+        return f"fid.classifier '{classifier}'"
+    if Path(classifier) == paths.judge:
+        return f"the ceiling classifier '{classifier}' (every training label)"
+    return f"the stage-1 Semi-ViT classifier '{classifier}' (it saw no hidden label)"
+
+
+def _not_available_lines(summary: dict) -> str:
+    na = summary.get("not_available") or {}
+    if not na:
+        return ""
+    return "\n## Not available\n\n" + "".join(f"- `{k}`: not available: {why}\n" for k, why in na.items())
+
+
 def _per_class_table(run: Path) -> str:
     cols = [(label.split(" (")[0], _metrics(run, rel)) for _, label, rel in ROWS]
     cols = [(n, m.get("per_class_acc_ema") or m.get("per_class_acc") or m.get("per_class")) for n, m in cols]
@@ -181,6 +239,25 @@ def _per_class_table(run: Path) -> str:
     head = "| class | " + " | ".join(n for n, _ in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     body = "".join(f"| {c} | " + " | ".join(get(pc, i, c) for _, pc in cols) + " |\n" for i, c in enumerate(classes))
     return head + body
+
+
+def _data_line(cfg: Config, summary: dict) -> str:
+    n_lab, n_test = summary.get("num_labeled"), summary.get("num_test")
+    if summary.get("given_labels"):
+        line = f"Data: your own (`{cfg.data.root or cfg.data.labeled_csv}`), {n_lab} labeled images as given (labeled/), "
+    else:
+        line = (
+            f"Data: `{cfg.data.name}`, {n_lab} labeled training images ({cfg.data.labels_per_class} per class unless "
+            "data.label_percent / data.label_csv say otherwise), "
+        )
+    if n_test == 0:
+        return line + "no held-out images: no held-out top-1 is measured (add val/<class>/ for one)."
+    return line + f"held-out split of {n_test} images."
+
+
+def _real_name(summary: dict) -> str:
+    real = summary.get("fid_real") or "test"
+    return {"test": "held-out", "train": "training images, labeled + unlabeled"}.get(real, real)
 
 
 SMOKE_NOTE = """
@@ -211,9 +288,7 @@ def render_report(cfg: Config, summary: dict) -> str:
             images.append(f"### {caption}\n\n![{caption}]({rel})\n")
     return f"""# DPT run `{cfg.name}`
 
-Data: `{cfg.data.name}`, {summary.get("num_labeled")} labeled training images
-({cfg.data.labels_per_class} per class unless data.label_percent / data.label_csv say otherwise),
-held-out split of {summary.get("num_test")} images. Model: `{cfg.model.name}`. Seed {cfg.seed}.
+{_data_line(cfg, summary)} Model: `{cfg.model.name}`. Seed {cfg.seed}.
 Each top-1 is the final EMA model of its stage on the held-out split.
 {SMOKE_NOTE if summary.get("smoke") else ""}
 | classifier | top-1 % |
@@ -222,9 +297,10 @@ Each top-1 is the final EMA model of its stage on the held-out split.
 | synthetic data | value |
 |---|---|
 | pseudo-label accuracy on the unlabeled images | {_fmt(summary.get("pseudo_label_acc"))} % |
-| synthetic class accuracy (ceiling model as judge) | {_fmt(summary.get("synthetic_class_acc"))} % |
-| FID, features `{summary.get("fid_features")}`, {summary.get("fid_num_real")} real (held-out) vs {summary.get("fid_num_fake")} synthetic | {_fmt(summary.get("fid"))} |
+| synthetic class accuracy (judge: {summary.get("synthetic_class_acc_judge") or "none"}) | {_fmt(summary.get("synthetic_class_acc"))} % |
+| FID, features `{summary.get("fid_features")}`, {summary.get("fid_num_real")} real ({_real_name(summary)}) vs {summary.get("fid_num_fake")} synthetic | {_fmt(summary.get("fid"))} |
 {_texture_rows(summary.get("texture"))}
+{_not_available_lines(summary)}
 ## Per-class top-1 %
 
 {_per_class_table(run)}

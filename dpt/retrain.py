@@ -168,7 +168,10 @@ def extra_images(cfg: Config, bundle, unlabeled: np.ndarray) -> tuple[ImageSourc
         else:
             labels = bundle.train.targets[unlabeled]
             if (labels < 0).any():
-                raise ConfigError("retrain.source=real needs the true labels of the unlabeled images; this data set hides them")
+                raise ConfigError(
+                    "retrain.source=real needs the true labels of the unlabeled images, which this data set does not "
+                    "have (hidden by the split, or your own unlabeled images): use retrain.source=pseudo-real or synthetic"
+                )
         true = bundle.train.targets[unlabeled]
         pool = None
         what = f"the {len(unlabeled)} unlabeled training images"

@@ -107,7 +107,8 @@ def load_training_labels(cfg: Config, source: ImageSource) -> TrainingLabels:
     dcfg = cfg.diffusion
     setting = dcfg.labels.strip()
     if setting == "true":
-        idx, lab, conf = np.arange(len(source)), source.targets.copy(), None
+        idx = np.flatnonzero(source.targets >= 0)  # your own data: its labeled images only
+        lab, conf = source.targets[idx].copy(), None
         origin = "true"
     else:
         path = layout(cfg).pseudo_labels_csv if setting in ("", "auto") else Path(setting)
@@ -150,7 +151,14 @@ def load_training_labels(cfg: Config, source: ImageSource) -> TrainingLabels:
         logger.warning("classes with no training images (the model can still be asked for them): %s", empty[:10])
     info.update({"num_images": int(len(idx)), "per_class": counts.tolist()})
     if origin != "true":
-        info["label_acc_vs_true"] = float(np.mean(source.targets[idx] == lab))
+        # against the true labels where the data set has them (your own data's unlabeled images have none)
+        known = source.targets[idx] >= 0
+        if source.given_labels:
+            info["label_acc_vs_true"] = None
+            info["label_acc_vs_true_unavailable"] = "the unlabeled images have no true label (your own data)"
+        elif known.any():
+            info["label_acc_vs_true"] = float(np.mean(source.targets[idx][known] == lab[known]))
+
     return TrainingLabels(idx, lab, origin, info)
 
 

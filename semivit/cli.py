@@ -1,4 +1,4 @@
-"""``semivit {pretrain,finetune,semi,evaluate,pseudo-label} --config FILE [key=value ...]``.
+"""``semivit {pretrain,finetune,semi,evaluate,pseudo-label,predict} --config FILE [key=value ...]``.
 
 The same entry point runs as a console script, as ``python -m semivit`` and under
 ``accelerate launch -m semivit``. Bad input (settings, data, checkpoints) ends with one error line
@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, Reads]] = {
         "label the training images with the EMA teacher (pseudo_labels.csv)",
         Reads(("pseudo_label", "checkpoint")),
     ),
+    "predict": (
+        "label new images (predict.images=FOLDER_OR_LIST) with a classifier folder (checkpoint=FOLDER) into a CSV",
+        Reads(("predict", "checkpoint")),
+    ),
 }
 
 
@@ -88,6 +92,10 @@ def run(command: str, cfg):
         from semivit.stages.pseudo_label import run_pseudo_label
 
         return run_pseudo_label(cfg)
+    if command == "predict":
+        from semivit.stages.predict import run_predict
+
+        return run_predict(cfg)
     raise ConfigError(f"unknown command '{command}'")
 
 

@@ -27,6 +27,12 @@ class DataConfig:
     label_percent: float = 0.0  # percent of each class that is labeled, (0, 100] (>0 overrides labels_per_class)
     label_csv: str = ""  # load the labeled split from this CSV instead of drawing it (overrides both)
     unlabeled_includes_labeled: bool = False
+    # your own data (imagefolder): root/labeled/<class>/ + root/unlabeled/ (+ val/), or list files.
+    # These images ARE the labeled set (no split is drawn, labels_per_class etc. are unused)
+    labeled_csv: str = ""  # CSV 'path,label' (label = class name; paths relative to the CSV's folder)
+    unlabeled: str = ""  # folder (any depth) or list file (one path per line) of unlabeled images
+    val_csv: str = ""  # CSV 'path,label' of held-out images (instead of root/val/)
+    skip_unreadable: bool = False  # leave out images that cannot be read (listed in <run>/skipped_images.txt)
     # subsets in source order; the per-class caps apply first, the class list never changes
     max_train: int = 0  # >0: use only the first N training images (quick experiments, tests)
     max_test: int = 0
@@ -132,6 +138,22 @@ class SemiConfig:
 class PseudoLabelConfig:
     batch_size: int = 256
     use_ema: bool = True
+
+
+@dataclass
+class PredictConfig:
+    images: str = ""  # folder (any depth) or list file of the images to label
+    out: str = ""  # CSV to write; empty: <output_dir>/predictions/<checkpoint folder name>.csv
+    batch_size: int = 64
+    use_ema: bool = True  # the EMA (teacher) weights when the folder has them
+
+
+@dataclass
+class ExportConfig:
+    out: str = ""  # folder of the ImageFolder to write; empty: <output_dir>/pseudo_labeled
+    mode: str = "link"  # link (symbolic links) | copy
+    min_confidence: float = 0.0  # leave out pseudo-labels below this confidence
+    include_labeled: bool = True  # the given labeled images too (confidence 1)
 
 
 @dataclass
@@ -244,6 +266,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
@@ -356,6 +380,9 @@ _RULES: dict[str, str | tuple] = {
     "semi.eval_every": ">= 0",
     "semi.steps_per_epoch": ">= 0",
     "pseudo_label.batch_size": ">= 1",
+    "predict.batch_size": ">= 1",
+    "export.mode": ("link", "copy"),
+    "export.min_confidence": "[0, 1]",
     "diffusion.model": ("dit", "unet"),
     "diffusion.image_size": ">= 0",
     "diffusion.patch_size": ">= 1",
@@ -405,7 +432,8 @@ FREE_TEXT = {
     "name", "output_dir", "checkpoint", "data.root", "data.label_csv", "model.name", "model.init",
     "diffusion.vae", "diffusion.labels", "generate.model", "generate.out", "generate.classes",
     "fid.real", "fid.fake", "fid.inception_weights", "fid.classifier", "fid.out", "retrain.synthetic",
-    "retrain.init", "retrain.probe_l2",
+    "retrain.init", "retrain.probe_l2", "data.labeled_csv", "data.unlabeled", "data.val_csv",
+    "predict.images", "predict.out", "export.out",
 }
 
 

@@ -42,9 +42,18 @@ _DRAWING_KEYS = (
 )
 
 
+_GIVEN_KEYS = ("labeled_csv", "unlabeled", "skip_unreadable")
+
+
 def split_settings(cfg: Config) -> dict:
     """What draws the split; another value of any of these draws it again."""
     settings = {"seed": cfg.seed, **{f"data.{k}": getattr(cfg.data, k) for k in _DRAWING_KEYS}}
+    # the settings of your own data's layout, recorded only when set (older splits stay valid)
+    for k in _GIVEN_KEYS:
+        if getattr(cfg.data, k):
+            settings[f"data.{k}"] = getattr(cfg.data, k)
+    if cfg.data.labeled_csv:
+        settings["data.labeled_csv_sha256"] = _file_digest(Path(cfg.data.labeled_csv).expanduser())
     if cfg.data.label_csv:
         # the same file name with other rows is another split
         settings["data.label_csv_sha256"] = _file_digest(Path(cfg.data.label_csv).expanduser())
@@ -71,8 +80,21 @@ def run_split(cfg: Config, source: ImageSource, stage: str = "") -> Split:
     state.wait_for_everyone()
     if redraw and state.is_main_process:
         _write_split(paths, labeled, source, wanted, stage)
+    if source.skipped and state.is_main_process:
+        _write_skipped(paths.root / SKIPPED_IMAGES, source.skipped)
     state.wait_for_everyone()
     return split_with(cfg.data, source, _read_split(paths, source))
+
+
+SKIPPED_IMAGES = "skipped_images.txt"
+
+
+def _write_skipped(path: Path, skipped) -> None:
+    """The unreadable images that data.skip_unreadable left out: one 'path<TAB>reason' per line."""
+    from semivit.files import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{line}\n" for line in skipped))
+    logger.warning("%d unreadable images were left out; listed in %s", len(skipped), path)
 
 
 def _recorded_settings(paths: RunLayout) -> dict | None:

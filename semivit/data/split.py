@@ -183,6 +183,14 @@ def make_split(cfg: DataConfig, source: ImageSource, seed: int) -> Split:
 def draw_labeled(cfg: DataConfig, source: ImageSource, seed: int) -> np.ndarray:
     """Indices of the labeled subset: those of ``data.label_csv``, else a draw that depends only on
     the seed and the labels, so it is the same on every rank and in every stage."""
+    if source.given_labels:
+        # the data set says which images are labeled: they are the labeled set, nothing is drawn
+        if cfg.label_csv or cfg.label_percent > 0:
+            logger.warning(
+                "the data set gives its labeled images (labeled/ or data.labeled_csv): data.label_csv and "
+                "data.label_percent are not used"
+            )
+        return np.flatnonzero(source.targets >= 0)
     _warn_unused_label_settings(cfg)
     if cfg.label_csv:
         return load_label_split(cfg.label_csv, source)
@@ -205,6 +213,8 @@ def split_with(cfg: DataConfig, source: ImageSource, labeled: np.ndarray) -> Spl
         )
     if cfg.unlabeled_includes_labeled:
         unlabeled = np.arange(len(source))
+    elif source.given_labels:
+        unlabeled = np.flatnonzero(source.targets < 0)
     else:
         unlabeled = np.setdiff1d(np.arange(len(source)), labeled)
     return Split(labeled, unlabeled)

@@ -65,13 +65,12 @@ def data_description(dcfg: DataConfig) -> str:
 
 def data_class_names(dcfg: DataConfig) -> list[str] | None:
     """The configured data set's class list without reading its images: the class folder names of
-    ``data.root/train`` for imagefolder (sorted, as the loader sorts them), the loader's own list
+    ``data.root/labeled`` or ``data.root/train`` (or data.labeled_csv's labels) for imagefolder, the loader's own list
     for the in-memory sets; None when it cannot be known cheaply (no root yet, CIFAR on disk)."""
     if dcfg.name == "imagefolder":
-        train = Path(dcfg.root) / "train" if dcfg.root else None
-        if train is None or not train.is_dir():
-            return None
-        return sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+        from semivit.data.sources import imagefolder_class_names
+
+        return imagefolder_class_names(dcfg)
     if dcfg.name in ("mnist5k", "digits"):
         from semivit.data.sources import build_data
 

@@ -39,12 +39,21 @@ def predict(model, loader, accelerator, desc: str = "eval") -> tuple[torch.Tenso
         labels.append(y.cpu())
         indices.append(idx.cpu())
     model.train(was_training)
+    if not logits:  # an empty set (your own data without val/): no predictions
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels), torch.cat(indices)
+
+
+def pct(x) -> str:
+    """A top-1 for the log: '12.34', or 'n/a' when there was no held-out image."""
+    return "n/a (no held-out images)" if x is None else f"{x:.2f}"
 
 
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     from torchmetrics.functional.classification import multiclass_accuracy
 
+    if len(labels) == 0:  # no held-out images: nothing is measured (None, never 0)
+        return {"top1": None, "top5": None, "per_class": None}
     k5 = min(5, num_classes)
     top1 = multiclass_accuracy(logits, labels, num_classes, average="micro").item()
     top5 = multiclass_accuracy(logits, labels, num_classes, average="micro", top_k=k5).item()
@@ -116,7 +125,7 @@ def run_evaluate(cfg: Config, checkpoint: str) -> dict:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_metrics(out_dir, metrics)
-        logger.info("evaluate %s: top1 %.2f  top1_ema %.2f  top5 %.2f", folder, metrics["top1"], metrics["top1_ema"], metrics["top5"])
+        logger.info("evaluate %s: top1 %s  top1_ema %s  top5 %s", folder, pct(metrics["top1"]), pct(metrics["top1_ema"]), pct(metrics["top5"]))
     accelerator.wait_for_everyone()
     return metrics
 

@@ -34,7 +34,7 @@ from semivit.stages.common import (
     next_labeled,
     resolve_init,
 )
-from semivit.stages.evaluate import evaluate_models, make_test_loader
+from semivit.stages.evaluate import evaluate_models, make_test_loader, pct
 
 logger = logging.getLogger("semivit")
 
@@ -167,7 +167,7 @@ def run_finetune(
         "seconds": round(trainer.seconds, 1),
         **(info or {}),
     }
-    logger.info("%s done: top1 %.2f  top1_ema %.2f (%.0fs)", name, metrics["top1"], metrics["top1_ema"], trainer.seconds)
+    logger.info("%s done: top1 %s  top1_ema %s (%.0fs)", name, pct(metrics["top1"]), pct(metrics["top1_ema"]), trainer.seconds)
     write = classifier_outputs(cfg, trainer, model, ema, bundle, source, idx)
     trainer.finish(metrics, write, "stage 1a: fine-tuning")
     return stage_dir

@@ -34,7 +34,7 @@ from semivit.stages.common import (
     make_optimizer,
     next_labeled,
 )
-from semivit.stages.evaluate import evaluate_models, make_test_loader
+from semivit.stages.evaluate import evaluate_models, make_test_loader, pct
 from semivit.stages.finetune import make_mixup
 from semivit.stages.ssl import (
     DistributionAlignment,
@@ -203,7 +203,7 @@ def run_semi(
     if synthetic is not None:
         metrics.update(num_synthetic=len(synthetic), synthetic_ratio=synthetic_ratio)
     metrics.update(info or {})
-    logger.info("%s done: top1 %.2f  top1_ema %.2f (%.0fs)", name, metrics["top1"], metrics["top1_ema"], trainer.seconds)
+    logger.info("%s done: top1 %s  top1_ema %s (%.0fs)", name, pct(metrics["top1"]), pct(metrics["top1_ema"]), trainer.seconds)
     write = classifier_outputs(cfg, trainer, model, ema, bundle, bundle.train, split.labeled)
     trainer.finish(metrics, write, "stage 1b: Semi-ViT" if synthetic is None else "stage 3: DPT retraining")
     return stage_dir
