@@ -32,6 +32,7 @@ no ``semilearn``, they are skipped with a message and the other cells still run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -308,13 +309,19 @@ def main(argv=None) -> int:
     init_tag = "scratch" if init == "none" else "mae" if init.endswith("encoder.safetensors") else "init"
     name = f"peers_l{_labeled_count(split)}_{init_tag}{'_small' if a.small else ''}"
     results = Path(a.results) if a.results else (a.out if a.small else result_dir(__name__)) / f"{name}.json"
-    done: dict = read_json(results).get("results", {}).get("cells", {}) if results.is_file() else {}
+    settings = {"config": a.config, "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest(),
+                "num_labeled": _labeled_count(split), "init": init, "overrides": base_overrides(a)}
+    done: dict = {}
+    if results.is_file():  # resume: the cells there were made with these settings, or it is another study
+        earlier = read_json(results).get("results", {})
+        if earlier.get("settings") != settings:
+            raise SystemExit(f"'{results}' holds cells of other settings ({earlier.get('settings')}); "
+                             "pass another --results (and --out) for these")
+        done = earlier.get("cells", {})
     done.pop("skipped", None)
     local_split = a.out / LABEL_SPLIT  # a copy beside the runs: the run folder may move
     if split.resolve() != local_split.resolve():
         shutil.copyfile(split, local_split)
-    settings = {"config": a.config, "split": str(split), "num_labeled": _labeled_count(split), "init": init,
-                "overrides": base_overrides(a), "usb_python": a.usb_python}
 
     def save() -> None:
         write_result(results, {"settings": settings, "cells": done, "paired": paired(done)})
