@@ -49,6 +49,7 @@ from semivit.files import pyplot, read_json
 from semivit.runtime.layout import HISTORY, LABEL_SPLIT, METRICS
 
 logger = logging.getLogger("peers")
+MODULE = "benchmarks.peers"  # __name__ is "__main__" under python -m
 
 USB_CELLS = ("fixmatch", "flexmatch", "freematch", "softmatch")
 OWN_CELLS = ("finetune", "semivit", "semivit-da")
@@ -73,7 +74,7 @@ def parse(argv=None):
     p.add_argument("overrides", nargs="*", help="key=value settings for every cell")
     a = p.parse_args(argv)
     a.config = a.config or str(ROOT / "configs" / ("tiny.yaml" if a.small else "mnist5k.yaml"))
-    a.out = Path(a.out or run_dir(__name__))
+    a.out = Path(a.out or run_dir(MODULE))
     return a
 
 
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
     init = resolve_init(a)
     init_tag = "scratch" if init == "none" else "mae" if init.endswith("encoder.safetensors") else "init"
     name = f"peers_l{_labeled_count(split)}_{init_tag}{'_small' if a.small else ''}"
-    results = Path(a.results) if a.results else (a.out if a.small else result_dir(__name__)) / f"{name}.json"
+    results = Path(a.results) if a.results else (a.out if a.small else result_dir(MODULE)) / f"{name}.json"
     settings = {"config": a.config, "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest(),
                 "num_labeled": _labeled_count(split), "init": init, "overrides": base_overrides(a)}
     done: dict = {}
