@@ -215,6 +215,8 @@ def run_cell(cfg, start: str, algorithm: str, steps: int, epochs: int, seed: int
     images = steps * (1 + sc_mu(cfg)) * cfg.semi.batch_size
     return {"top1": top1_ema, "top1_student": top1, "top1_kind": "ema", "wall_s": wall, "images_per_s": images / wall,
             "train_loop_s": train_s,
+            "last_step_log": {k: float(v) for k, v in (getattr(alg, "log_dict", None) or {}).items()
+                              if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)},
             "steps": int(alg.it), "images_per_step": (1 + sc_mu(cfg)) * cfg.semi.batch_size,
             "runner": f"semilearn {semilearn_version()} ({'CPU, .cuda() as a no-op' if cpu else 'GPU, as shipped'})"}
 
