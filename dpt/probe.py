@@ -25,7 +25,7 @@ from semivit.config.schema import Config
 from semivit.data.sources import ImageSource
 from semivit.data.views import ViewDataset, build_transforms
 from semivit.files import atomic_path, atomic_write_json, pyplot
-from semivit.models.classifier import classifier_meta, save_classifier
+from semivit.models.classifier import classifier_head, classifier_meta, save_classifier
 from semivit.runtime.accelerator import make_accelerator
 from semivit.runtime.layout import CONFIG, LABEL_SPLIT, METRICS
 from semivit.stages.common import build_classifier, make_loader
@@ -37,7 +37,8 @@ L2_GRID = tuple(10.0**e for e in range(-6, 1))  # probe_l2=auto chooses among th
 
 
 class Features(torch.nn.Module):
-    """The ViT's input to its head: pooled tokens after ``fc_norm``."""
+    """The classifier's input to its head: a ViT's pooled tokens after ``fc_norm``, a CNN's pooled
+    last feature map (timm's forward_features + forward_head(pre_logits=True))."""
 
     def __init__(self, vit):
         super().__init__()
@@ -111,11 +112,12 @@ def choose_l2(x_real, y_real, x_extra, y_extra, num_classes: int, folds: int, se
 
 
 def fold_into_head(vit, W: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """``head(z) = W ((z - mean) / std) + b``: the probe as the ViT's own linear head."""
+    """``head(z) = W ((z - mean) / std) + b``: the probe as the classifier's own linear head."""
     w = W / std
+    head = classifier_head(vit)
     with torch.no_grad():
-        vit.head.weight.copy_(w)
-        vit.head.bias.copy_(b - w @ mean)
+        head.weight.copy_(w)
+        head.bias.copy_(b - w @ mean)
 
 
 def run_probe(cfg: Config, bundle, out: Path, init: str, labeled_idx: np.ndarray, extra: ImageSource | None, info: dict) -> Path:

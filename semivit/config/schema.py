@@ -59,9 +59,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_compact_patch4"  # a small ViT of this project or any timm ViT name
+    name: str = "vit_compact_patch4"  # a small ViT of this project or any timm model (vit_*, resnet18, convnext_atto, ...)
     drop_path: float = 0.1
-    global_pool: str = "avg"  # Semi-ViT pools the patch tokens
+    global_pool: str = "avg"  # Semi-ViT pools the patch tokens; ViTs: avg|token|max|avgmax|map, CNNs: avg|max|avgmax|catavgmax
+    # ResNet / ConvNeXt stem: native (timm's, total stride 32) | small (stride-1 stem, total stride 8, for
+    # 16-32 px images) | auto (small below 64 px). Other models ignore auto and native.
+    stem: str = "auto"
     init: str = "auto"  # auto (stage-0 encoder of this run if present) | none | PATH to weights
 
 
@@ -327,7 +330,8 @@ _RULES: dict[str, str | tuple] = {
     "data.random_erasing": "[0, 1]",
     "data.num_workers": ">= 0",
     "model.drop_path": "[0, 1)",
-    "model.global_pool": ("avg", "token", "max", "avgmax", "map"),
+    "model.global_pool": ("avg", "token", "max", "avgmax", "map", "catavgmax"),
+    "model.stem": ("auto", "native", "small"),
     "pretrain.epochs": ">= 1",
     "pretrain.batch_size": ">= 1",
     "pretrain.lr": "> 0",

@@ -1,4 +1,5 @@
-"""ViT classifiers (timm), small ViTs for small images, and encoder-weight loading.
+"""Classifiers (any timm model: ViTs, ResNets, ConvNeXts, ...), small ViTs for small images, and
+encoder-weight loading.
 
 Small ViTs are registered in timm's registry, so ``timm.create_model("vit_mini_patch4")`` and any
 timm ViT name go through the same path. Nothing is ever downloaded: weights come from local files.
@@ -52,29 +53,115 @@ def _register_small_vits() -> None:
 _register_small_vits()
 
 
-def create_classifier(cfg: ModelConfig, num_classes: int, image_size: int, in_chans: int) -> VisionTransformer:
-    """A ViT with average pooling over patch tokens (+ fc_norm), as Semi-ViT and MAE fine-tuning use."""
+# CNN families whose stem can be made small-image friendly: name prefix -> how.
+# resnet*: the 7x7/2 stem conv and its max-pool become one 3x3/1 conv (the CIFAR variant, total stride 8);
+# convnext*: the 4x4/4 patchify stem becomes 1x1/1 (total stride 8).
+SMALL_STEM_FAMILIES = ("resnet", "convnext")
+SMALL_STEM_BELOW = 64  # stem=auto: a native total stride of 32 leaves < 2 px per side below this size
+
+
+def is_vit(model: torch.nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
+
+
+def _family(name: str) -> str | None:
+    base = name.split(".")[0]
+    return next((f for f in SMALL_STEM_FAMILIES if base.startswith(f)), None)
+
+
+def _use_small_stem(cfg: ModelConfig, image_size: int) -> bool:
+    if cfg.stem == "native":
+        return False
+    family = _family(cfg.name)
+    if cfg.stem == "small" and family is None:
+        raise ConfigError(
+            f"model.stem=small is defined for {', '.join(f + '*' for f in SMALL_STEM_FAMILIES)} models, not "
+            f"model.name='{cfg.name}'; use model.stem=native (or auto)"
+        )
+    return family is not None and (cfg.stem == "small" or image_size < SMALL_STEM_BELOW)
+
+
+def _create(name: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model``; ``img_size`` only goes to models that take it (ViTs and kin)."""
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+    kwargs.pop("img_size")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _small_stem(model: torch.nn.Module, family: str, in_chans: int) -> None:
+    if family == "resnet":
+        out = model.conv1.out_channels if isinstance(model.conv1, torch.nn.Conv2d) else model.bn1.num_features
+        model.conv1 = torch.nn.Conv2d(in_chans, out, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    elif family == "convnext":
+        conv = model.stem[0]
+        model.stem[0] = torch.nn.Conv2d(in_chans, conv.out_channels, kernel_size=1, stride=1)
+
+
+def create_classifier(cfg: ModelConfig, num_classes: int, image_size: int, in_chans: int) -> torch.nn.Module:
+    """Any timm classifier. ViTs pool the patch tokens (+ fc_norm) as Semi-ViT and MAE fine-tuning do;
+    CNNs (ResNet, ConvNeXt, ...) pool their last feature map. ``model.stem`` adapts the stem of a
+    ResNet / ConvNeXt to small images (see SMALL_STEM_FAMILIES)."""
     name = cfg.name
     if name.startswith("hf-hub:") or name.startswith("hf_hub:") or "/" in name:
         raise ConfigError(
             f"model.name='{name}' names a hub model; this tool never downloads weights. Use a timm architecture "
-            "name (e.g. vit_base_patch16_224) and point model.init at a local weights file."
+            "name (e.g. vit_base_patch16_224, resnet18, convnext_atto) and point model.init at a local weights file."
         )
     if not timm.is_model(name):
         near = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         raise ConfigError(f"model.name='{name}' is not a known model; e.g. {list(SMALL_VITS)[:3] + near}")
-    model = timm.create_model(
-        name,
-        pretrained=False,
-        num_classes=num_classes,
-        img_size=image_size,
-        in_chans=in_chans,
-        global_pool=cfg.global_pool,
-        drop_path_rate=cfg.drop_path,
-    )
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"model.name='{name}' is not a ViT (got {type(model).__name__}); Semi-ViT needs a ViT")
+    try:
+        model = _create(
+            name,
+            num_classes=num_classes,
+            img_size=image_size,
+            in_chans=in_chans,
+            global_pool=cfg.global_pool,
+            drop_path_rate=cfg.drop_path,
+        )
+    except (AssertionError, ValueError, TypeError, NotImplementedError) as e:
+        raise ConfigError(
+            f"timm cannot build model.name='{name}' with model.global_pool='{cfg.global_pool}' "
+            f"({type(e).__name__}: {e}); ViTs take avg/token/max/avgmax/map, CNNs avg/max/avgmax/catavgmax"
+        ) from e
+    if _use_small_stem(cfg, image_size) and not is_vit(model):
+        _small_stem(model, _family(name), in_chans)
+    _check_feature_map(model, name, image_size, in_chans)
     return model
+
+
+def _check_feature_map(model: torch.nn.Module, name: str, image_size: int, in_chans: int) -> None:
+    """A CNN's downsampling must leave at least one pixel: run a tiny forward once."""
+    if is_vit(model):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feats = model.forward_features(torch.zeros(1, in_chans, image_size, image_size))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"model.name='{name}' cannot take {image_size}-px images: its downsampling shrinks them to nothing "
+            f"({_first_line(e)}). Set model.stem=small (ResNet / ConvNeXt) or a larger data.image_size"
+        ) from e
+    finally:
+        model.train(was_training)
+    if feats.ndim == 4 and min(feats.shape[-2:]) < 1:
+        raise ConfigError(f"model.name='{name}' leaves an empty feature map at data.image_size={image_size}")
+    logger.debug("%s: feature map %s at %d px", name, tuple(feats.shape[1:]), image_size)
+
+
+def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The final linear layer of any timm classifier (``head``, ``fc``, ``head.fc``, ...)."""
+    head = model.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"the classifier head of '{type(model).__name__}' is a {type(head).__name__}, not a Linear")
+    return head
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,28 +224,37 @@ def resolve_weights_file(path: str | Path) -> Path:
     return path
 
 
-def load_encoder_weights(model: VisionTransformer, path: str | Path, strict_head: bool = False) -> LoadReport:
-    """Load backbone weights into ``model``; positional embeddings and patch embeddings are resized to
+def _head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Key prefixes of the classification head (ViT: head, fc_norm; ResNet: fc; ConvNeXt: head.fc)."""
+    named = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    names = named if isinstance(named, (list, tuple)) else [named]
+    return tuple(f"{n}." for n in names) + (("head", "fc_norm") if is_vit(model) else ())
+
+
+def load_encoder_weights(model: torch.nn.Module, path: str | Path, strict_head: bool = False) -> LoadReport:
+    """Load backbone weights into ``model``; a ViT's positional and patch embeddings are resized to
     the model (timm's filter), the classification head is kept only when its shape fits."""
     file = resolve_weights_file(path)
     state = _unwrap(load_weights(file))
     if not state:
         raise WeightsError(f"checkpoint '{file}' holds no tensors (after unwrapping {', '.join(_WRAPPER_KEYS)})")
     try:
-        state = checkpoint_filter_fn(state, model)
+        if is_vit(model):
+            state = checkpoint_filter_fn(state, model)
     except Exception as e:  # timm's resizing of position / patch embeddings met shapes it cannot map
         raise WeightsError(
             f"checkpoint '{file}' does not fit model '{type(model).__name__}': its embeddings cannot be resized "
             f"({type(e).__name__}: {e}). Check model.name / data.image_size against the checkpoint."
         ) from e
     own = model.state_dict()
+    head = _head_prefixes(model)
     report = LoadReport(str(file))
     fitted = {}
     for k, v in state.items():
         if k not in own:
             report.unexpected.append(k)
         elif own[k].shape != v.shape:
-            if k.startswith("head") and not strict_head:
+            if k.startswith(head) and not strict_head:
                 report.skipped_shape.append(k)
             else:
                 raise WeightsError(
@@ -169,7 +265,7 @@ def load_encoder_weights(model: VisionTransformer, path: str | Path, strict_head
             fitted[k] = v
     report.loaded = sorted(fitted)
     report.missing = sorted(k for k in own if k not in fitted)
-    backbone_missing = [k for k in report.missing if not k.startswith(("head", "fc_norm"))]
+    backbone_missing = [k for k in report.missing if not k.startswith(head)]
     if not fitted or len(backbone_missing) > len(own) // 2:
         raise WeightsError(
             f"checkpoint '{file}' does not fit model '{type(model).__name__}': "
@@ -207,6 +303,7 @@ def classifier_meta(cfg: Config, bundle) -> dict:
         "std": list(bundle.std),
         "model": cfg.model.name,
         "global_pool": cfg.model.global_pool,
+        "stem": cfg.model.stem,
     }
 
 
@@ -233,12 +330,15 @@ def read_classifier_meta(folder: str | Path) -> dict:
     return meta
 
 
-def load_classifier(folder: str | Path, prefer_ema: bool = True, device="cpu") -> tuple[VisionTransformer, dict]:
+def load_classifier(folder: str | Path, prefer_ema: bool = True, device="cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a classifier from a stage folder (``meta.json`` + weights) for inference.
     Returns the model in eval mode and its meta (classes, channels, image_size, mean, std)."""
     folder = Path(folder)
     meta = read_classifier_meta(folder)
-    mcfg = ModelConfig(name=meta["model"], drop_path=0.0, global_pool=meta.get("global_pool", "avg"), init="none")
+    mcfg = ModelConfig(
+        name=meta["model"], drop_path=0.0, global_pool=meta.get("global_pool", "avg"), init="none",
+        stem=meta.get("stem", "auto"),
+    )
     model = create_classifier(mcfg, len(meta["classes"]), meta["image_size"], meta["channels"])
     names = [EMA_WEIGHTS, WEIGHTS] if prefer_ema else [WEIGHTS]
     file = next((folder / n for n in names if (folder / n).is_file()), None)

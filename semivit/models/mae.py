@@ -117,5 +117,17 @@ def create_mae(mcfg: ModelConfig, pcfg: PretrainConfig, image_size: int, in_chan
     """The encoder is the classifier architecture without head; 'token' pooling keeps its final
     LayerNorm (``norm``), which MAE normalises latents with; fine-tuning uses fc_norm instead."""
     enc_cfg = ModelConfig(name=mcfg.name, drop_path=0.0, global_pool="token", init="none")
-    encoder = create_classifier(enc_cfg, num_classes=0, image_size=image_size, in_chans=in_chans)
+    try:
+        encoder = create_classifier(enc_cfg, num_classes=0, image_size=image_size, in_chans=in_chans)
+    except ConfigError:  # e.g. a CNN has no 'token' pooling: say what is wrong with it first
+        enc_cfg.global_pool = "avg"
+        encoder = create_classifier(enc_cfg, num_classes=0, image_size=image_size, in_chans=in_chans)
+        if isinstance(encoder, VisionTransformer):
+            raise
+    if not isinstance(encoder, VisionTransformer):
+        raise ConfigError(
+            f"stage 0 (MAE pre-training) needs a ViT; model.name='{mcfg.name}' is a {type(encoder).__name__}. "
+            "Start it from a local weights file (model.init=PATH) or from scratch (model.init=none), "
+            "which skips stage 0"
+        )
     return MAE(encoder, pcfg)

@@ -56,6 +56,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer
     ``fused`` (default: on CUDA) runs the update as one kernel per parameter group."""
     if fused is None:
         fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    if layer_decay < 1 and not hasattr(model, "group_matcher"):
+        logger.info("layer decay: %s defines no parameter groups, plain AdamW (one lr)", type(model).__name__)
+        layer_decay = 1.0
+    elif layer_decay < 1:
+        logger.info("layer decay %g over %s's parameter groups (timm group_matcher)", layer_decay, type(model).__name__)
     opt = create_optimizer_v2(
         model,
         "adamw",

@@ -1,0 +1,342 @@
+"""Against the field: Semi-ViT next to USB's FixMatch, FlexMatch, FreeMatch and SoftMatch and next to
+CNN backbones, on the same labeled split, the same start and the same budget, paired over seeds.
+
+For each seed, every cell uses the labeled split of the given run (``RUN/label_split.csv``, through
+``data.label_csv``) and the rest of the training images as the unlabeled set:
+
+    finetune     this project's supervised fine-tuning (stage 1a) from --init: the start of every
+                 semi-supervised cell below and the supervised baseline
+    semivit      Semi-ViT (stage 1b: EMA teacher, probabilistic pseudo mixup), semi.dist_align=none
+    semivit-da   the same with semi.dist_align=uniform
+    fixmatch, flexmatch, freematch, softmatch
+                 USB's algorithms (the ``semilearn`` package, its own loop and algorithm code) from
+                 the same fine-tuned model, with the same steps, labeled batch, unlabeled ratio
+                 (semi.mu), lr, weight decay, layer decay and EMA momentum (benchmarks/peers_usb.py)
+    resnet18, convnext
+                 the same two stages (fine-tuning, then Semi-ViT's semi stage, same steps) with a
+                 ResNet-18 / ConvNeXt-atto from scratch (small-image stem, model.stem=auto)
+
+Every top-1 is the final EMA model's on the held-out split (nothing is selected on it). Each cell
+records wall seconds and images/s (images per step = labeled batch + unlabeled batch, unlabeled
+images counted once). Results accumulate in RESULTS (a cell already there is read back, so an
+interrupted run resumes), and the paired differences against Semi-ViT (mean, sample sd over the
+seeds) are printed as a table and stored beside the cells; PLOT shows top-1 per cell with the seeds.
+
+    python -m benchmarks.peers --run runs/mnist5k_seed0 --seeds 0 1 2 --usb-python /work/peers-venv/bin/python
+    python -m benchmarks.peers --small          # configs/tiny.yaml, a few steps: a check of the harness
+
+USB cells run in a child process of ``--usb-python`` (default: this Python); where that Python has
+no ``semilearn``, they are skipped with a message and the other cells still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.record import ROOT, result_dir, run_dir, write_result
+from semivit.config.load import load_config
+from semivit.files import pyplot, read_json
+from semivit.runtime.layout import HISTORY, LABEL_SPLIT, METRICS
+
+logger = logging.getLogger("peers")
+MODULE = "benchmarks.peers"  # __name__ is "__main__" under python -m
+
+USB_CELLS = ("fixmatch", "flexmatch", "freematch", "softmatch")
+OWN_CELLS = ("finetune", "semivit", "semivit-da")
+CNN_CELLS = {"resnet18": "resnet18", "convnext": "convnext_atto"}
+ALL_CELLS = OWN_CELLS + USB_CELLS + tuple(CNN_CELLS)
+REFERENCE = "semivit"
+SMALL = ["data.max_train=120", "data.max_test=40", "finetune.epochs=1", "semi.epochs=1", "semi.steps_per_epoch=2"]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="default configs/mnist5k.yaml (configs/tiny.yaml with --small)")
+    p.add_argument("--run", default=None, help="a run folder: its label_split.csv (and stage0 encoder for --init run)")
+    p.add_argument("--split", default=None, help="a label_split.csv (instead of --run's)")
+    p.add_argument("--init", default="run", help="run (the run's stage-0 MAE encoder), none (from scratch) or a path")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--cells", nargs="+", default=list(ALL_CELLS), choices=ALL_CELLS)
+    p.add_argument("--usb-python", default=sys.executable, help="a Python with semilearn (and this project's deps)")
+    p.add_argument("--out", default=None, help="folder of the runs (default runs/bench/peers)")
+    p.add_argument("--results", default=None, help="JSON of the cells (default benchmarks/results/peers/)")
+    p.add_argument("--small", action="store_true", help="tiny config, 2 steps per stage: a check, numbers meaningless")
+    p.add_argument("overrides", nargs="*", help="key=value settings for every cell")
+    a = p.parse_args(argv)
+    a.config = a.config or str(ROOT / "configs" / ("tiny.yaml" if a.small else "mnist5k.yaml"))
+    a.out = Path(a.out or run_dir(MODULE))
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# the split, the start and the budget
+# ----------------------------------------------------------------------------------------------
+
+
+def label_split(a) -> Path:
+    """The labeled split every cell uses: --split, RUN/label_split.csv, or (no run given) one drawn
+    by the config's settings into OUT/split/."""
+    if a.split:
+        return Path(a.split)
+    if a.run:
+        path = Path(a.run) / LABEL_SPLIT
+        if not path.is_file():
+            raise SystemExit(f"'{path}' not found: --run must be a run folder whose finetune stage has run")
+        return path
+    from semivit.data.run_split import run_split
+    from semivit.data.sources import build_data
+
+    cfg = load_config(a.config, [f"output_dir={a.out / 'split'}", *base_overrides(a)])
+    run_split(cfg, build_data(cfg.data).train, "peers")
+    return a.out / "split" / LABEL_SPLIT
+
+
+def resolve_init(a) -> str:
+    if a.init == "run":
+        enc = Path(a.run or "-") / "stage0" / "encoder.safetensors"
+        return str(enc) if enc.is_file() else "none"
+    return a.init
+
+
+def base_overrides(a) -> list[str]:
+    return [*(SMALL if a.small else []), *a.overrides]
+
+
+def cell_config(a, split: Path, seed: int, out: Path, *extra: str):
+    return load_config(a.config, [*base_overrides(a), f"output_dir={out}", f"seed={seed}",
+                                  f"data.label_csv={split}", "pipeline.judge=false", *extra])
+
+
+def semi_steps(cfg) -> tuple[int, int]:
+    """(total optimizer steps, epochs) of the semi stage: semi.steps_per_epoch, else one pass over
+    the unlabeled set per epoch."""
+    sc = cfg.semi
+    per_epoch = sc.steps_per_epoch
+    if not per_epoch:
+        from semivit.data.run_split import run_split
+        from semivit.data.sources import build_data
+
+        split = run_split(cfg, build_data(cfg.data).train, "peers")
+        per_epoch = max(1, len(split.unlabeled) // (sc.mu * sc.batch_size))
+    return per_epoch * sc.epochs, sc.epochs
+
+
+# ----------------------------------------------------------------------------------------------
+# cells
+# ----------------------------------------------------------------------------------------------
+
+
+def _top1(folder: Path) -> dict:
+    m = read_json(Path(folder) / METRICS)
+    return {"top1": m.get("top1_ema", m["top1"]), "top1_student": m["top1"],
+            "top1_kind": "ema" if "top1_ema" in m else "final"}
+
+
+def own_finetune(a, split, seed, folder: Path, init: str, model: str | None = None) -> tuple[dict, Path]:
+    from semivit.stages.finetune import run_finetune
+
+    extra = [f"model.init={init}"] + ([f"model.name={model}"] if model else [])
+    cfg = cell_config(a, split, seed, folder, *extra)
+    t0 = time.time()
+    out = run_finetune(cfg)
+    wall = time.time() - t0
+    steps, per_step = _steps(out), cfg.finetune.batch_size
+    return {**_top1(out), "wall_s": wall, "images_per_s": steps * per_step / wall, "steps": steps,
+            "images_per_step": per_step}, Path(out)
+
+
+def _steps(folder: Path) -> int:
+    """Optimizer steps the stage made (its last history row)."""
+    history = read_json(Path(folder) / HISTORY)
+    return int(history[-1]["step"]) if history else 0
+
+
+def _labeled_count(split: Path) -> int:
+    return max(0, len(Path(split).read_text().splitlines()) - 1)
+
+
+def own_semi(a, split, seed, folder: Path, start: Path, out: Path, *extra: str) -> dict:
+    from semivit.stages.semi import run_semi
+
+    cfg = cell_config(a, split, seed, folder, *extra)
+    t0 = time.time()
+    run_semi(cfg, out_dir=out, init=str(start))
+    wall = time.time() - t0
+    steps = _steps(out)
+    per_step = (1 + cfg.semi.mu) * cfg.semi.batch_size
+    return {**_top1(out), "wall_s": wall, "images_per_s": steps * per_step / wall, "steps": steps,
+            "images_per_step": per_step}
+
+
+def usb_cell(a, split, seed, folder: Path, start: Path, algorithm: str) -> dict | str:
+    """A USB cell in a child process; a string says why it was skipped."""
+    cfg = cell_config(a, split, seed, folder)
+    steps, epochs = semi_steps(cfg)
+    out = folder / f"{algorithm}.json"
+    cmd = [a.usb_python, "-m", "benchmarks.peers_usb", "--config", a.config, "--start", str(start),
+           "--algorithm", algorithm, "--steps", str(steps), "--epochs", str(epochs), "--seed", str(seed),
+           "--out", str(out), *base_overrides(a), f"output_dir={folder}", f"seed={seed}",
+           f"data.label_csv={split}", "pipeline.judge=false"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode == 3:
+        return proc.stderr.strip().splitlines()[-1]
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"USB cell {algorithm} (seed {seed}) failed:\n{tail}")
+    return json.loads(out.read_text())
+
+
+def run_seed(a, split: Path, seed: int, init: str, done: dict, save) -> None:
+    base = a.out / f"seed{seed}"
+    key = lambda cell: f"{cell}/seed{seed}"  # noqa: E731
+    vit = base / "vit"
+    start = vit / "stage1" / "finetune"
+    needs_start = any(c in a.cells for c in ("finetune", "semivit", "semivit-da", *USB_CELLS))
+    if needs_start and (key("finetune") not in done or not (start / METRICS).is_file()):
+        done[key("finetune")], start = own_finetune(a, split, seed, vit, init)
+        save()
+    if "semivit" in a.cells and key("semivit") not in done:
+        done[key("semivit")] = own_semi(a, split, seed, vit, start, vit / "semivit", "semi.dist_align=none")
+        save()
+    if "semivit-da" in a.cells and key("semivit-da") not in done:
+        done[key("semivit-da")] = own_semi(a, split, seed, vit, start, vit / "semivit-da", "semi.dist_align=uniform")
+        save()
+    for alg in USB_CELLS:
+        if alg in a.cells and key(alg) not in done:
+            cell = usb_cell(a, split, seed, vit, start, alg)
+            if isinstance(cell, str):
+                print(f"{alg} seed {seed}: skipped: {cell}", flush=True)
+                done.setdefault("skipped", {})[alg] = cell
+                continue
+            done[key(alg)] = cell
+            save()
+    for cell, model in CNN_CELLS.items():
+        if cell in a.cells and key(cell) not in done:
+            folder = base / cell
+            ft, ft_dir = own_finetune(a, split, seed, folder, "none", model)
+            semi = own_semi(a, split, seed, folder, ft_dir, folder / "semivit", f"model.name={model}",
+                            "model.init=none", "semi.dist_align=none")
+            semi.update(model=model, finetune_top1=ft["top1"], wall_s=ft["wall_s"] + semi["wall_s"],
+                        finetune_wall_s=ft["wall_s"])
+            done[key(cell)] = semi
+            save()
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+# ----------------------------------------------------------------------------------------------
+
+
+def cells_by_name(done: dict) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for k, v in done.items():
+        if "/seed" in k:
+            cell, seed = k.split("/seed")
+            out.setdefault(cell, {})[int(seed)] = v
+    return out
+
+
+def paired(done: dict) -> dict:
+    """Per cell: mean, sd of top-1 over seeds and the paired difference against Semi-ViT."""
+    cells = cells_by_name(done)
+    ref = cells.get(REFERENCE, {})
+    table = {}
+    for cell in [c for c in ALL_CELLS if c in cells]:
+        runs = cells[cell]
+        tops = [runs[s]["top1"] for s in sorted(runs)]
+        row = {"seeds": sorted(runs), "top1_mean": statistics.fmean(tops),
+               "top1_sd": statistics.stdev(tops) if len(tops) > 1 else None,
+               "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs.values()),
+               "images_per_s_mean": statistics.fmean(r["images_per_s"] for r in runs.values())}
+        common = sorted(set(runs) & set(ref))
+        if cell != REFERENCE and common:
+            diffs = [runs[s]["top1"] - ref[s]["top1"] for s in common]
+            row.update(diff_vs_semivit_mean=statistics.fmean(diffs),
+                       diff_vs_semivit_sd=statistics.stdev(diffs) if len(diffs) > 1 else None,
+                       diff_seeds=common)
+        table[cell] = row
+    return table
+
+
+def markdown(table: dict) -> str:
+    def f(x, fmt="{:.1f}"):
+        return "-" if x is None else fmt.format(x)
+
+    lines = ["| cell | seeds | top-1 (mean ± sd) | vs Semi-ViT (paired mean ± sd) | wall s | images/s |",
+             "|---|---|---|---|---|---|"]
+    for cell, r in table.items():
+        diff = "0 (reference)" if cell == REFERENCE else (
+            f"{r['diff_vs_semivit_mean']:+.1f} ± {f(r['diff_vs_semivit_sd'])}" if "diff_vs_semivit_mean" in r else "-")
+        lines.append(f"| {cell} | {len(r['seeds'])} | {r['top1_mean']:.1f} ± {f(r['top1_sd'])} | {diff} | "
+                     f"{r['wall_s_mean']:.0f} | {r['images_per_s_mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(done: dict, path: Path) -> None:
+    plt = pyplot()
+    cells = cells_by_name(done)
+    names = [c for c in ALL_CELLS if c in cells]
+    fig, ax = plt.subplots(figsize=(1.1 * max(4, len(names)) + 1, 3.6))
+    for i, cell in enumerate(names):
+        tops = [cells[cell][s]["top1"] for s in sorted(cells[cell])]
+        ax.bar(i, statistics.fmean(tops), color="tab:orange" if cell == REFERENCE else "tab:blue", alpha=0.6)
+        ax.scatter([i] * len(tops), tops, color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("top-1 (final EMA model, %)")
+    ax.set_title("same split, start and steps; dots: seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    a = parse(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    split = label_split(a)
+    init = resolve_init(a)
+    init_tag = "scratch" if init == "none" else "mae" if init.endswith("encoder.safetensors") else "init"
+    name = f"peers_l{_labeled_count(split)}_{init_tag}{'_small' if a.small else ''}"
+    results = Path(a.results) if a.results else (a.out if a.small else result_dir(MODULE)) / f"{name}.json"
+    settings = {"config": a.config, "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest(),
+                "num_labeled": _labeled_count(split), "init": init, "overrides": base_overrides(a)}
+    done: dict = {}
+    if results.is_file():  # resume: the cells there were made with these settings, or it is another study
+        earlier = read_json(results).get("results", {})
+        if earlier.get("settings") != settings:
+            raise SystemExit(f"'{results}' holds cells of other settings ({earlier.get('settings')}); "
+                             "pass another --results (and --out) for these")
+        done = earlier.get("cells", {})
+    done.pop("skipped", None)
+    local_split = a.out / LABEL_SPLIT  # a copy beside the runs: the run folder may move
+    if split.resolve() != local_split.resolve():
+        shutil.copyfile(split, local_split)
+
+    def save() -> None:
+        write_result(results, {"settings": settings, "cells": done, "paired": paired(done)})
+
+    for seed in a.seeds:
+        run_seed(a, local_split, seed, init, done, save)
+    save()
+    plot(done, results.with_suffix(".png"))
+    print(markdown(paired(done)))
+    for alg, why in done.get("skipped", {}).items():
+        print(f"{alg}: not measured: {why}")
+    print(f"results: {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""benchmarks/peers.py: the --small run writes every promised cell with its provenance, the paired
+differences against Semi-ViT are the per-seed differences, a re-run reads its cells back, USB cells
+are skipped with a message where semilearn is missing and run where it is installed (PEERS_PYTHON or
+this Python)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.peers import markdown, paired
+from benchmarks.peers_usb import usb_net
+from semivit.config.schema import ModelConfig
+from semivit.models.classifier import create_classifier
+
+ROOT = Path(__file__).resolve().parents[2]
+CELLS = ["finetune", "semivit", "semivit-da", "fixmatch", "convnext"]
+
+
+def _run(out: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [python, "-m", "benchmarks.peers", "--small", "--out", str(out), "--results", str(out / "r.json"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_small_run_without_usb_writes_cells_pairs_and_resumes(tmp_path):
+    if importlib.util.find_spec("semilearn") is not None:
+        pytest.skip("semilearn is installed in this Python: the USB cells would run, not be skipped")
+    proc = _run(tmp_path, "--cells", *CELLS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fixmatch: not measured: USB cell skipped: the semilearn package is not installed" in proc.stdout
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["provenance"]["command"].startswith("python -m benchmarks.peers --small")
+    cells = data["results"]["cells"]
+    assert "semilearn package is not installed" in cells.pop("skipped")["fixmatch"]
+    assert set(cells) == {"finetune/seed0", "semivit/seed0", "semivit-da/seed0", "convnext/seed0"}
+    for key in ("semivit/seed0", "semivit-da/seed0", "convnext/seed0"):
+        c = cells[key]
+        assert c["steps"] == 2 and c["images_per_step"] == 8 * (1 + 2)  # tiny: semi.batch_size 8, mu 2
+        assert 0 <= c["top1"] <= 100 and c["wall_s"] > 0 and c["images_per_s"] > 0
+    assert cells["convnext/seed0"]["model"] == "convnext_atto"
+    pairs = data["results"]["paired"]
+    assert pairs["semivit-da"]["diff_vs_semivit_mean"] == pytest.approx(
+        cells["semivit-da/seed0"]["top1"] - cells["semivit/seed0"]["top1"])
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert (tmp_path / "label_split.csv").is_file()
+    # a second run reads every cell back instead of training again
+    again = _run(tmp_path, "--cells", *CELLS)
+    assert again.returncode == 0, again.stderr[-3000:]
+    again_cells = json.loads((tmp_path / "r.json").read_text())["results"]["cells"]
+    again_cells.pop("skipped")
+    assert again_cells == cells
+
+
+def _usb_python() -> str | None:
+    if os.environ.get("PEERS_PYTHON"):
+        return os.environ["PEERS_PYTHON"]
+    return sys.executable if importlib.util.find_spec("semilearn") is not None else None
+
+
+@pytest.mark.skipif(_usb_python() is None, reason="semilearn not installed (pip install -e .[peers], or PEERS_PYTHON)")
+def test_small_run_with_usb_measures_its_cells(tmp_path):
+    proc = _run(tmp_path, "--cells", "finetune", "semivit", "fixmatch", "softmatch", "--usb-python", _usb_python())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = json.loads((tmp_path / "r.json").read_text())["results"]["cells"]
+    for alg in ("fixmatch", "softmatch"):
+        c = cells[f"{alg}/seed0"]
+        assert c["steps"] == cells["semivit/seed0"]["steps"] == 2
+        assert c["images_per_step"] == cells["semivit/seed0"]["images_per_step"]
+        assert 0 <= c["top1"] <= 100 and c["runner"].startswith("semilearn")
+
+
+def test_paired_differences_are_per_seed_and_table_shows_them():
+    done = {
+        "semivit/seed0": {"top1": 80.0, "wall_s": 10, "images_per_s": 5},
+        "semivit/seed1": {"top1": 70.0, "wall_s": 10, "images_per_s": 5},
+        "fixmatch/seed0": {"top1": 82.0, "wall_s": 20, "images_per_s": 2},
+        "fixmatch/seed1": {"top1": 76.0, "wall_s": 20, "images_per_s": 2},
+        "resnet18/seed1": {"top1": 60.0, "wall_s": 5, "images_per_s": 9},
+        "skipped": {"flexmatch": "not installed"},
+    }
+    t = paired(done)
+    assert t["fixmatch"]["diff_vs_semivit_mean"] == pytest.approx(4.0)  # (+2, +6)
+    assert t["fixmatch"]["diff_vs_semivit_sd"] == pytest.approx(2.8284, abs=1e-3)
+    assert t["resnet18"]["diff_seeds"] == [1] and t["resnet18"]["diff_vs_semivit_mean"] == pytest.approx(-10.0)
+    assert "flexmatch" not in t and "diff_vs_semivit_mean" not in t["semivit"]
+    table = markdown(t)
+    assert "| fixmatch | 2 | 79.0 ± 4.2 | +4.0 ± 2.8 |" in table
+
+
+def test_usb_network_interface_keeps_the_classifier():
+    net = create_classifier(ModelConfig(name="vit_micro_patch4", drop_path=0.0), 10, 16, 1).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    keys = list(net.state_dict())
+    wrapped = usb_net(net)
+    with torch.no_grad():
+        out = wrapped(x)
+        feat = wrapped(x, only_feat=True)
+        assert torch.allclose(out["logits"], ref, atol=1e-5)
+        assert torch.allclose(wrapped(feat, only_fc=True), ref, atol=1e-5)
+    assert out["feat"].shape == (3, 64) and list(wrapped.state_dict()) == keys
+    assert "blocks" in wrapped.group_matcher()
