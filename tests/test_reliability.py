@@ -214,7 +214,7 @@ CASES: list[Case] = [
     Case("negative guidance", "dpt", lambda t: ["generate", out(t), "guidance_scale=-1"],
          "setting 'generate.guidance_scale' must be >= 0"),
     Case("unknown sampler", "dpt", lambda t: ["generate", out(t), "sampler=euler"],
-         "setting 'generate.sampler' must be one of ddpm, ddim, dpmsolver++ (got 'euler')"),
+         "setting 'generate.sampler' must be one of ddpm, ddim, dpmsolver++, sde-dpmsolver++ (got 'euler')"),
     Case("unknown diffusion model", "dpt", lambda t: ["train-diffusion", out(t), "diffusion.model=gan"],
          "setting 'diffusion.model' must be one of dit, unet"),
     Case("unknown prediction type", "dpt", lambda t: ["train-diffusion", out(t), "diffusion.prediction_type=x0"],
