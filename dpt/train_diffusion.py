@@ -296,7 +296,7 @@ def run_train_diffusion(cfg: Config) -> Path:
 
         latents = load_or_build_latents(
             layout(cfg).latents, bundle.train, labels.indices, codec.vae, image_size, bundle.channels,
-            dcfg.hflip, dcfg.batch_size, trainer.accelerator, cfg.data.num_workers,
+            dcfg.hflip, dcfg.batch_size, trainer.accelerator, cfg.data.num_workers, dcfg.latent_dtype,
         ).to(device)
         dataset = RowDataset(labels)
     else:

@@ -147,6 +147,9 @@ class DiffusionConfig:
     unet_attention_levels: int = 1  # self-attention in the lowest N resolutions of the UNet
     vae: str = ""  # local AutoencoderKL folder: train in its latent space
     cache_latents: bool = True  # latent space: encode the training images once (both flips), reuse the cache
+    # values stored in the latent cache (memory-mapped .npy shards on disk): float32 | float16 (half the disk
+    # and page cache; the posterior mean and std round to ~3 significant digits)
+    latent_dtype: str = "float32"
     labels: str = "auto"  # auto (this run's pseudo_labels.csv) | true | PATH to a labels CSV
     min_confidence: float = 0.0
     max_per_class: int = 0
@@ -365,6 +368,7 @@ _RULES: dict[str, str | tuple] = {
     "diffusion.unet_layers_per_block": ">= 1",
     "diffusion.unet_attention_levels": ">= 0",
     "diffusion.min_confidence": "[0, 1]",
+    "diffusion.latent_dtype": ("float32", "float16"),
     "diffusion.max_per_class": ">= 0",
     "diffusion.p_uncond": "[0, 1)",
     "diffusion.num_train_timesteps": ">= 2",

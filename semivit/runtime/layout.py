@@ -17,7 +17,7 @@ as paths, ``RELATIVE`` as the relative names the pipeline's stage table and the 
 | `stage1/pseudo_labels.json` | pseudo-label | report | count per class, mean confidence and accuracy of the pseudo-labels of the unlabeled images |
 | `judge/` | the pipeline's judge (finetune on every training label) | report (ceiling top-1, synthetic class accuracy, FID features) | a classifier folder (below) |
 | `stage2/` | train-diffusion (stage 2a) | report (curves) | `samples/step_N.png` (sample grids while training) and the stage files below |
-| `cache/latents/` | train-diffusion in latent space (`diffusion.cache_latents`) | train-diffusion (later epochs, reruns, resumed runs, every rank) | the VAE posterior mean and std of every training image, plain and mirrored (safetensors), and the key (data, VAE, resolution) they were made for |
+| `cache/latents/` | train-diffusion in latent space (`diffusion.cache_latents`) | train-diffusion (later epochs, reruns, resumed runs, every rank) | the VAE posterior mean and std of every training image, plain and mirrored (one memory-mapped .npy shard per rank), and the key (data, VAE, resolution, dtype) they were made for |
 | `stage2/model/` | train-diffusion | generate (`generate.model` default) | the generator: the denoiser's and noise scheduler's diffusers `save_pretrained` files and `dpt_meta.json` (classes, image size, VAE ...) |
 | `synthetic/` | generate (stage 2b) | retrain (`retrain.synthetic` default), fid, report | `<class>/*.png`, `manifest.csv`, `grid.png`, `metrics.json`, `.generation.json` (the settings the images were made with); `fid.json` when `dpt fid` ran without `fid.out` |
 | `stage3/` | retrain (stage 3) | report | a classifier folder (below) |
