@@ -495,34 +495,41 @@ def reference_spec(cfg: Config) -> str:
     return ref or cfg.fid.real or "test"
 
 
-def reference_stats(cfg: Config, net, device, min_images: int) -> tuple[np.ndarray, np.ndarray, int, str, ImageSource | None]:
-    """(mu, sigma, count, name, source or None) of the reference set: from a published .npz, from
-    stored statistics of the same images and network, or computed (and stored) now."""
-    from semivit.runtime.accelerator import distributed_state
-
-    fcfg = cfg.fid
+def reference_set(cfg: Config, min_images: int) -> tuple[ImageSource | None, str]:
+    """(images, name) of the reference set; (None, path) for a statistics file."""
     spec = reference_spec(cfg)
     if spec.endswith(".npz"):
         if not Path(spec).is_file():
             raise DPTError(f"fid.reference='{spec}' does not exist; give a .npz with arrays mu and sigma, or train / val")
-        mu, sigma, count = load_reference_npz(Path(spec))
-        return mu, sigma, count or 0, spec, None
-    src, name = image_set(cfg, spec, "reference" if fcfg.reference else "real")
+        return None, spec
+    src, name = image_set(cfg, spec, "reference" if cfg.fid.reference else "real")
     if len(src) < min_images:
-        raise DPTError(f"fid reference '{name}' holds {len(src)} images; FID needs at least {min_images} per set")
+        raise DPTError(f"fid.real='{name}' holds {len(src)} images; FID needs at least {min_images} per set")
+    return src, name
+
+
+def reference_stats(cfg: Config, net, device, src: ImageSource | None, name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, count) of the reference set: from a published .npz, from stored statistics of
+    the same images and network, or computed (and stored) now."""
+    from semivit.runtime.accelerator import distributed_state
+
+    fcfg = cfg.fid
+    if src is None:
+        mu, sigma, count = load_reference_npz(Path(name))
+        return mu, sigma, count or 0
     indices = spread(len(src), fcfg.reference_samples)
     key = {**stats_key(src, indices, net), "image_size": getattr(net, "size", 0)}
     path = stats_path(Path(fcfg.stats_dir) if fcfg.stats_dir else layout(cfg).root / "cache" / "fid", key)
     found = cached_stats(path, key)
     if found is not None:
         logger.info("FID reference statistics of '%s' (%d images) from %s", name, found[2], path)
-        return *found, name, src
+        return found
     stats = extract_stats(net, src, indices, fcfg.batch_size, device, cfg.data.num_workers, desc="FID reference")
     mu, sigma = stats.mu_sigma()
     if distributed_state().is_main_process:
         save_stats(path, key, mu, sigma, stats.count)
         logger.info("FID reference statistics of '%s' (%d images) stored in %s", name, stats.count, path)
-    return mu, sigma, stats.count, name, src
+    return mu, sigma, stats.count
 
 
 def run_fid(cfg: Config) -> dict:
@@ -531,9 +538,10 @@ def run_fid(cfg: Config) -> dict:
     state = distributed_state()
     fcfg = cfg.fid
     fake_spec = fcfg.fake or str(layout(cfg).synthetic)
-    fake_src, fake_name = image_set(cfg, fake_spec, "fake")
     # a smoke run proves the FID path on its few images; its number means nothing anyway
     min_images = SMOKE_MIN_IMAGES if cfg.smoke else MIN_IMAGES
+    real_src, real_name = reference_set(cfg, min_images)
+    fake_src, fake_name = image_set(cfg, fake_spec, "fake")
     fake_idx = spread(len(fake_src), fcfg.num_samples)
     if len(fake_idx) < min_images:
         raise DPTError(f"fid.fake='{fake_name}' holds {len(fake_idx)} images; FID needs at least {min_images} per set")
@@ -543,12 +551,10 @@ def run_fid(cfg: Config) -> dict:
     device = state.device
     net.to(device)
     if isinstance(net, ClassifierFeatures):
-        check_image_classes(fake_src, f"fid.fake '{fake_name}'", net, fcfg.classifier)
-        real_spec = reference_spec(cfg)
-        if not real_spec.endswith(".npz"):
-            real_src, real_name = image_set(cfg, real_spec, "real")
+        if real_src is not None:
             check_image_classes(real_src, f"fid.real '{real_name}'", net, fcfg.classifier)
-    mu_r, sigma_r, num_real, real_name, real_src = reference_stats(cfg, net, device, min_images)
+        check_image_classes(fake_src, f"fid.fake '{fake_name}'", net, fcfg.classifier)
+    mu_r, sigma_r, num_real = reference_stats(cfg, net, device, real_src, real_name)
     fake = extract_stats(net, fake_src, fake_idx, fcfg.batch_size, device, cfg.data.num_workers,
                          inception_score=fcfg.inception_score, desc="FID generated")
     mu_f, sigma_f = fake.mu_sigma()
