@@ -132,3 +132,14 @@ def test_two_ranks_write_the_same_pseudo_labels_as_one(tmp_path):
         assert {k: a[k] for k in ("index", "path", "label", "top5_labels", "true_label")} == \
             {k: b[k] for k in ("index", "path", "label", "top5_labels", "true_label")}
         assert abs(float(a["confidence"]) - float(b["confidence"])) < 2e-4
+
+
+def test_evaluate_on_mixed_sizes_and_modes(tmp_path):
+    from semivit.config.load import load_config
+    from semivit.stages.evaluate import run_evaluate
+
+    make_mixed_imagefolder(tmp_path / "data", CLASSES, per_class=4, held_out=5)
+    make_classifier(tmp_path / "clf", CLASSES)
+    metrics = run_evaluate(load_config(None, overrides(tmp_path, tmp_path / "ev")), str(tmp_path / "clf"))
+    assert metrics["num_test"] == 15 and 0 <= metrics["top1_ema"] <= 100
+    assert len(metrics["per_class_acc"]) == 3
