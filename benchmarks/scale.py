@@ -47,6 +47,7 @@ IMAGENET_TRAIN = 1_281_167
 TARGET_RANKS = 8
 STAGES = ("scan", "pseudo_label", "latents", "generate", "fid")
 SIZE = 16  # the tiny config's image size
+SCRIPT = "benchmarks.scale"  # __name__ is "__main__" under python -m
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=None, help="classes (default 1000)")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="rank counts (default 1 2)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    p.add_argument("--work", default=str(run_dir(__name__)), help="data, models and runs")
+    p.add_argument("--work", default=str(run_dir(SCRIPT)), help="data, models and runs")
     p.add_argument("--out", default="", help="result JSON (default benchmarks/results/scale/scale.json; --small: WORK/scale.json)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "stages": {k: v for k, v in summarize(records, sizes, rank_counts).items() if k in stages},
         "records": records,
     }
-    out = Path(args.out) if args.out else (work / "scale.json" if args.small else result_dir(__name__) / "scale.json")
+    out = Path(args.out) if args.out else (work / "scale.json" if args.small else result_dir(SCRIPT) / "scale.json")
     write_result(out, result)
     print(f"-> {out}")
     for stage, r in result["stages"].items():
