@@ -10,7 +10,8 @@ ratios, ``val/``) and runs each stage in fresh processes (2 ranks: ``accelerate 
 --multi_gpu --num_processes 2`` with ACCELERATE_USE_CPU=1) with the tiny config's models (a
 micro ViT classifier, a two-level VAE, a one-block DiT; random weights from tests/helpers):
 
-- ``scan``: the image folder scanned and the labeled split drawn (build_data + run_split);
+- ``scan``: the image folder listed (and the list stored in the run's cache/images/) and the
+  labeled split drawn (build_data + run_split);
 - ``pseudo_label``: ``semivit pseudo-label`` (per-rank part files, merged by rank 0);
 - ``latents``: the latent cache built (each rank its shard) and one epoch of per-batch reads;
 - ``generate``: ``dpt generate``, as many images as the data set has;
@@ -184,8 +185,9 @@ def run_stage(stage: str, work: Path, n: int, ranks: int, num_classes: int) -> N
         if stage == "scan":
             from semivit.data.run_split import run_split
             from semivit.data.sources import build_data
+            from semivit.runtime.layout import layout
 
-            run_split(cfg, build_data(cfg.data).train, "scale")
+            run_split(cfg, build_data(cfg.data, layout(cfg).image_lists).train, "scale")
         elif stage == "pseudo_label":
             from semivit.stages.pseudo_label import run_pseudo_label
 

@@ -75,7 +75,7 @@ def folder_source(folder: Path) -> ImageSource:
 def image_set(cfg: Config, spec: str, what: str) -> tuple[ImageSource, str]:
     """``spec``: 'test' / 'train' (the configured data set's split) or a folder."""
     if spec in ("test", "train"):
-        bundle = build_data(cfg.data)
+        bundle = build_data(cfg.data, layout(cfg).image_lists)
         return (bundle.test if spec == "test" else bundle.train), f"{cfg.data.name}:{spec}"
     if not spec:
         raise DPTError(f"fid.{what} is not set: give a folder of images (or 'test' / 'train' for the data set)")

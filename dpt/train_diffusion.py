@@ -243,7 +243,7 @@ def sample_grid(
 def run_train_diffusion(cfg: Config) -> Path:
     dcfg = cfg.diffusion
     stage_dir = stage_dir_of(cfg)
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     labels = load_training_labels(cfg, bundle.train)
     trainer = Trainer(
         cfg,

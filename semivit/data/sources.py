@@ -218,7 +218,7 @@ def _class_folders(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(dirs), sorted(other)
 
 
-def _image_files(class_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
+def _image_files(class_dir: Path, visited: list | None = None) -> tuple[list[Path], list[Path], list[Path]]:
     """Image files anywhere under a class folder, following links to folders as torchvision's
     ImageFolder does, and skipping hidden files and folders. Also returns the files that are not
     images, and image names that are not readable files (links that point nowhere)."""
@@ -231,6 +231,8 @@ def _image_files(class_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
         if real in seen:  # a link back to a folder already listed would repeat (or loop)
             continue
         seen.add(real)
+        if visited is not None:  # (folder, its modification time before it is listed)
+            visited.append((str(d), os.stat(d).st_mtime_ns))
         for e in _entries(d):
             if e.name.startswith("."):
                 continue
@@ -246,9 +248,12 @@ def _image_files(class_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
     return sorted(images), others, unreadable
 
 
-def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], list[str], list[int]]:
+def _scan_split(
+    folder: Path, classes: list[str] | None, visited: list | None = None
+) -> tuple[list[str], list[str], list[int]]:
     """Images and labels of one split folder. ``classes`` None: this is train/ and its class folders
-    are the classes; otherwise the held-out split, whose classes must be among them."""
+    are the classes; otherwise the held-out split, whose classes must be among them. ``visited``
+    collects every folder listed with its modification time before the listing."""
     is_train = classes is None
     found, loose = _class_folders(folder)
     if not found:
@@ -274,7 +279,7 @@ def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
     index = {c: i for i, c in enumerate(classes)}
     paths, targets, skipped, unreadable, empty = [], [], [], [], []
     for c in found:
-        files, others, bad = _image_files(folder / c)
+        files, others, bad = _image_files(folder / c, visited)
         skipped += others
         unreadable += bad
         if not files:
@@ -313,7 +318,56 @@ def _scan_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
     return classes, paths, targets
 
 
-def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
+LIST_FORMAT = 1  # bump when what a stored image list holds, or how a folder is scanned, changes
+
+
+def _listed_split(folder: Path, classes: list[str] | None, list_dir) -> tuple[list[str], list[str], list[int]]:
+    """``_scan_split`` once per run: with ``list_dir`` (the run's ``cache/images/``) the scan's result
+    is stored as JSON with the modification times of every folder it listed, and read back while
+    none of them changed (adding, removing or renaming an image or a class folder changes its
+    folder's time), so later stages and the other ranks do not list 1.28M files again."""
+    if not list_dir:
+        return _scan_split(folder, classes)
+    import hashlib
+    import json
+
+    from semivit.files import atomic_write_json
+
+    folder = folder.resolve()
+    want = {"format": LIST_FORMAT, "folder": str(folder), "classes": classes, "extensions": list(IMAGE_EXTENSIONS)}
+    digest = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(list_dir) / f"images-{folder.name}-{digest}.json"
+    stored = None
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") != want or not _folders_unchanged(stored["folders"]):
+                stored = None
+        except (OSError, ValueError, KeyError, TypeError):
+            stored = None
+    if stored is not None:
+        return stored["classes"], [str(folder / p) for p in stored["paths"]], stored["targets"]
+    # times taken before each listing: a change during the scan shows as a changed time next time
+    visited: list = [(str(folder), os.stat(folder).st_mtime_ns)]
+    found_classes, paths, targets = _scan_split(folder, classes, visited)
+    times = dict(visited)
+    prefix = len(str(folder)) + 1
+    try:
+        atomic_write_json(path, {"key": want, "classes": found_classes, "paths": [p[prefix:] for p in paths],
+                                 "targets": [int(t) for t in targets], "folders": times})
+    except OSError as e:
+        logger.warning("cannot store the image list of '%s' in '%s' (%s); the next stage lists it again", folder, path, e)
+    return found_classes, paths, targets
+
+
+def _folders_unchanged(times: dict) -> bool:
+    try:
+        return all(os.stat(d).st_mtime_ns == t for d, t in times.items())
+    except OSError:
+        return False
+
+
+def _imagefolder(root: str, channels: int, list_dir=None) -> tuple[ImageSource, ImageSource]:
     if not root:
         raise DataError("data.name=imagefolder needs data.root=DIR with DIR/train/<class>/*.png and DIR/val/<class>/*")
     rootp = Path(root).expanduser()
@@ -331,13 +385,15 @@ def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
     held_out = next((rootp / s for s in ("val", "test") if (rootp / s).is_dir()), None)
     if held_out is None:
         raise DataError(f"neither '{rootp / 'val'}' nor '{rootp / 'test'}' exists: add a held-out split")
-    classes, tr_paths, tr_targets = _scan_split(rootp / "train", None)
-    _, te_paths, te_targets = _scan_split(held_out, classes)
+    classes, tr_paths, tr_targets = _listed_split(rootp / "train", None, list_dir)
+    _, te_paths, te_targets = _listed_split(held_out, classes, list_dir)
     mode = "L" if channels == 1 else "RGB"
     return FileSource(tr_paths, tr_targets, classes, mode), FileSource(te_paths, te_targets, classes, mode)
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
+def build_data(cfg: DataConfig, list_dir: str | Path | None = None) -> DataBundle:
+    """The data set of ``cfg``. ``list_dir``: where an image folder's file list is kept (the run's
+    ``cache/images/``), so it is listed once per run, not once per stage and rank."""
     validate_data(cfg)
     name = cfg.name
     if name == "mnist5k":
@@ -348,7 +404,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
         train, test, channels = *_cifar(name, cfg.root), 3
     elif name == "imagefolder":
         channels = cfg.channels or 3
-        train, test = _imagefolder(cfg.root, channels)
+        train, test = _imagefolder(cfg.root, channels, list_dir)
     else:
         raise DataError(f"unknown data.name '{name}': use mnist5k, digits, imagefolder, cifar10 or cifar100")
     if cfg.channels and cfg.channels != channels:

@@ -48,7 +48,7 @@ def run_pseudo_label(cfg: Config, checkpoint: str | None = None) -> Path:
         )
     out_dir = layout(cfg).stage1
     meta = read_classifier_meta(folder)
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     check_same_classes(
         meta["classes"], f"classifier '{folder}'", bundle.classes, data_description(cfg.data),
         "label the data set it was trained on (data.name / data.root), or set checkpoint=FOLDER",
