@@ -92,3 +92,36 @@ def test_dpt_fid_inception_on_images_of_different_sizes(tmp_path, inception_weig
     np.savez(tmp_path / "bad.npz", mean=mu)
     with pytest.raises(DPTError, match="lacks array"):
         fid_mod.load_reference_npz(tmp_path / "bad.npz")
+
+
+def test_two_ranks_give_the_fid_of_one(tmp_path):
+    """Each rank extracts its share, the sums are added once: the same statistics as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers.tiny_models import make_tiny_classifier
+
+    root = Path(__file__).resolve().parents[2]
+    make_mixed_imagefolder(tmp_path / "data", per_class=5, held_out=5)
+    fake = _fake_folder(tmp_path / "fake", n=13)
+    make_tiny_classifier(tmp_path / "clf", ["a", "b", "c"], channels=3, size=16)
+
+    def args(out):
+        return ["fid", f"output_dir={tmp_path / out}", "fid.features=classifier", f"fid.classifier={tmp_path / 'clf'}",
+                f"fid.real={tmp_path / 'data' / 'train'}", f"fid.fake={fake}", "fid.batch_size=4",
+                f"fid.out={tmp_path / out / 'fid.json'}"]
+
+    assert main(args("one")) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29543",
+           "-m", "dpt", *args("two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "fid.json").read_text())
+    two = json.loads((tmp_path / "two" / "fid.json").read_text())
+    assert (two["num_real"], two["num_fake"]) == (one["num_real"], one["num_fake"]) == (15, 13)
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-6)
+    assert len(list((tmp_path / "two" / "cache" / "fid").glob("*.npz"))) == 1
