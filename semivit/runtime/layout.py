@@ -13,7 +13,7 @@ as paths, ``RELATIVE`` as the relative names the pipeline's stage table and the 
 | `stage0/` | pretrain (stage 0, MAE) | finetune and the judge (`model.init=auto`), retrain (`retrain.init=stage0`) | `encoder.safetensors` (the MAE encoder), `reconstruction.png`, and the stage files below |
 | `stage1/finetune/` | finetune (stage 1a) | semi (its start), report | a classifier folder (below) |
 | `stage1/semi/` | semi (stage 1b) | pseudo-label, evaluate (default), retrain (`retrain.init=stage1`), report | a classifier folder (below) |
-| `stage1/pseudo_labels.csv` | pseudo-label (stage 1c) | train-diffusion (`diffusion.labels=auto`) | one row per training image: `index,path,label,confidence,true_label`; labeled images keep their label with confidence 1 |
+| `stage1/pseudo_labels.csv` | pseudo-label (stage 1c) | train-diffusion (`diffusion.labels=auto`) | one row per training image: `index,path,label,class_name,confidence,top5_labels,top5_confidences,true_label` (`true_label` empty where unknown); labeled images keep their label with confidence 1 |
 | `stage1/pseudo_labels.json` | pseudo-label | report | count per class, mean confidence and accuracy of the pseudo-labels of the unlabeled images |
 | `judge/` | the pipeline's judge (finetune on every training label) | report (ceiling top-1, synthetic class accuracy, FID features) | a classifier folder (below) |
 | `stage2/` | train-diffusion (stage 2a) | report (curves) | `samples/step_N.png` (sample grids while training) and the stage files below |
