@@ -295,6 +295,24 @@ def summarize(records: list[dict], sizes: list[int], rank_counts: list[int]) -> 
     return out
 
 
+def markdown_table(result: dict) -> str:
+    """The table "ImageNet on 8 ranks, per rank" from a result JSON (every number from it)."""
+    res = result["results"]
+    sizes, ranks = res["sizes"], res["rank_counts"]
+    lines = [
+        f"| stage | seconds at n = {' / '.join(f'{n:,}' for n in sizes)} ({' ; '.join(f'{r} rank' + ('s' if r > 1 else '') for r in ranks)}) "
+        f"| peak RssAnon per rank at the same n, MB ({max(ranks)} ranks, larger rank) | fitted slope, MB per 1k images | at {IMAGENET_TRAIN:,} images on "
+        f"{TARGET_RANKS} ranks: RssAnon per rank, MB | hours (CPU, tiny models) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage, r in res["stages"].items():
+        secs = " ; ".join(" / ".join(f"{s:.1f}" for s in r["seconds"][str(k)]) for k in ranks)
+        mem = " / ".join(f"{m:.0f}" for m in r["rss_anon_mb"][str(max(ranks))])
+        e = r["extrapolated"]
+        lines.append(f"| {stage} | {secs} | {mem} | {r['rss_anon_mb_per_1k_images']:+.3f} | {e['rss_anon_mb']:.0f} | {e['hours']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="20 classes, 40/80/120 images, 1 rank: a check, not numbers")
@@ -304,9 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--work", default=str(run_dir(SCRIPT)), help="data, models and runs")
     p.add_argument("--out", default="", help="result JSON (default benchmarks/results/scale/scale.json; --small: WORK/scale.json)")
+    p.add_argument("--table", default="", metavar="JSON", help="print the markdown table of a result JSON and stop")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return 0
     classes = args.classes or (20 if args.small else 1000)
     work = Path(args.work) / ("small" if args.small else "full")
     if args.worker:
