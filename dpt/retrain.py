@@ -207,7 +207,7 @@ def run_retrain(cfg: Config, out_dir: Path | None = None) -> Path:
     rc = cfg.retrain
     if rc.source == "synthetic":
         _check_manifest(synthetic_dir(cfg))  # before any data is read
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     init = resolve_init(cfg)
     out = Path(out_dir) if out_dir else stage3_dir(cfg)
     check_init_classes(init, bundle.classes, cfg)

@@ -56,21 +56,39 @@ class TrainingLabels:
 
 def read_labels_csv(path: Path, source: ImageSource) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(indices, labels, confidences or None) of a labels CSV: columns ``index,label`` and optionally
-    ``path`` (checked against the data set) and ``confidence``."""
+    ``path`` (checked against the data set) and ``confidence``. Read row by row into flat arrays
+    (a few bytes per image, also at 1.28M rows)."""
+    from array import array
+
     if not path.is_file():
         raise DPTError(f"labels file '{path}' (diffusion.labels) not found")
+    idx_a, lab_a, conf_a = array("q"), array("q"), array("d")
+    differ, first_differ = 0, ""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("index", "label") if c not in columns]
+        if columns and missing:
+            raise DPTError(f"labels file '{path}' lacks column(s) {missing}; found {list(columns)}")
+        has_path, has_conf = "path" in columns, "confidence" in columns
+        for r in reader:
+            try:
+                i, y = int(r["index"]), int(r["label"])
+            except (TypeError, ValueError) as e:
+                raise DPTError(f"labels file '{path}': index and label must be integers ({e})") from e
+            idx_a.append(i)
+            lab_a.append(y)
+            if has_conf:
+                try:
+                    conf_a.append(float(r["confidence"]) if r["confidence"] != "" else 1.0)
+                except (TypeError, ValueError) as e:
+                    raise DPTError(f"labels file '{path}': non-numeric confidence ({e})") from e
+            if has_path and r["path"] and 0 <= i < len(source) and r["path"] != source.paths[i]:
+                differ += 1
+                first_differ = first_differ or r["path"]
+    if not idx_a:
         raise DPTError(f"labels file '{path}' (diffusion.labels) has no rows; it needs columns index,label")
-    missing = [c for c in ("index", "label") if c not in rows[0]]
-    if missing:
-        raise DPTError(f"labels file '{path}' lacks column(s) {missing}; found {list(rows[0])}")
-    try:
-        idx = np.array([int(r["index"]) for r in rows], dtype=np.int64)
-        lab = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise DPTError(f"labels file '{path}': index and label must be integers ({e})") from e
+    idx, lab = np.frombuffer(idx_a, dtype=np.int64).copy(), np.frombuffer(lab_a, dtype=np.int64).copy()
     bad = idx[(idx < 0) | (idx >= len(source))]
     if len(bad):
         raise DPTError(
@@ -86,19 +104,12 @@ def read_labels_csv(path: Path, source: ImageSource) -> tuple[np.ndarray, np.nda
             f"labels file '{path}' has labels outside 0..{k - 1} (the data set has {k} classes), e.g. "
             f"{wrong[:5].tolist()}"
         )
-    if "path" in rows[0]:
-        differ = [r["path"] for r, i in zip(rows, idx, strict=True) if r["path"] and r["path"] != source.paths[i]]
-        if differ:
-            raise DPTError(
-                f"labels file '{path}': {len(differ)} paths differ from the data set at the same index "
-                f"(e.g. '{differ[0]}'); the data set changed since the file was written"
-            )
-    conf = None
-    if "confidence" in rows[0]:
-        try:
-            conf = np.array([float(r["confidence"]) if r["confidence"] != "" else 1.0 for r in rows])
-        except ValueError as e:
-            raise DPTError(f"labels file '{path}': non-numeric confidence ({e})") from e
+    if differ:
+        raise DPTError(
+            f"labels file '{path}': {differ} paths differ from the data set at the same index "
+            f"(e.g. '{first_differ}'); the data set changed since the file was written"
+        )
+    conf = np.frombuffer(conf_a, dtype=np.float64).copy() if has_conf else None
     return idx, lab, conf
 
 
@@ -251,7 +262,7 @@ def sample_grid(
 def run_train_diffusion(cfg: Config) -> Path:
     dcfg = cfg.diffusion
     stage_dir = stage_dir_of(cfg)
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     labels = load_training_labels(cfg, bundle.train)
     trainer = Trainer(
         cfg,
@@ -304,7 +315,7 @@ def run_train_diffusion(cfg: Config) -> Path:
 
         latents = load_or_build_latents(
             layout(cfg).latents, bundle.train, labels.indices, codec.vae, image_size, bundle.channels,
-            dcfg.hflip, dcfg.batch_size, trainer.accelerator, cfg.data.num_workers,
+            dcfg.hflip, dcfg.batch_size, trainer.accelerator, cfg.data.num_workers, dcfg.latent_dtype,
         ).to(device)
         dataset = RowDataset(labels)
     else:

@@ -3,7 +3,9 @@
 # ACCELERATE_CONFIG=configs/accelerate/<file>.yaml selects a launch config (multi-GPU, multi-node).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ -x .venv/bin/python ]; then BIN=.venv/bin/; else BIN=""; fi
+# DPT_BIN: the folder of python and accelerate to use ("" = from PATH); default: the project's .venv
+if [ -n "${DPT_BIN+x}" ]; then BIN=$DPT_BIN
+elif [ -x .venv/bin/python ]; then BIN=.venv/bin/; else BIN=""; fi
 
 launch() {
   local module=$1; shift

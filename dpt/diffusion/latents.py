@@ -4,16 +4,23 @@ Training in a VAE's latent space otherwise encodes every image with the VAE at e
 costs more than the denoiser's own step at SD-VAE sizes. Here each training image is encoded once
 (plain and, with hflip, mirrored) and the posterior's mean and std are kept, so a training step
 still draws a fresh ``z = mean + std * eps`` (the same distribution as encoding at every step) for
-the price of a lookup. The cache is one safetensors file plus a JSON key, shared by later epochs,
-resumed runs and every rank; it is rebuilt when the data (paths with their sizes and mtimes, or the
-pixels of in-memory sets; the index list), the VAE (config and weight files, or its weights' hash)
-or the resolution change.
+the price of a lookup. The cache is rebuilt when the data (paths with their sizes and mtimes, or
+the pixels of in-memory sets; the index list), the VAE (config and weight files, or its weights'
+hash), the resolution or the stored dtype change.
 
     latents = load_or_build_latents(run_dir / "latents", source, labels.indices, vae, size, channels,
                                     hflip, batch_size, accelerator)
     z0 = latents.sample(rows, flip, generator)  # (B, C, h, w), already times the scaling factor
 
-Memory: N x F x 2 x C*h*w float32 values (at 256 px with an SD VAE, 64 KiB per image with flips).
+On disk, per rank shard: ``latents-<key digest>.r<rank>of<world>.{mean,std}.npy`` (raw .npy
+arrays, (n, F, C, h, w), float32 or float16) and a ``.json`` with the key and the shard's rows;
+``latents-<key digest>.json`` (written by rank 0 once every shard is complete) lists the shards.
+Every rank encodes and writes its own contiguous share; nothing is merged or gathered. Readers
+open the shards memory-mapped (``np.load(mmap_mode='r', allow_pickle=False)``), so a training step
+reads only the rows of its batch: the memory a rank holds does not grow with the data set (the
+operating system's page cache may hold recently read rows, and gives them back when it needs to).
+Size on disk: N x F x 2 x C*h*w values (at 256 px with an SD VAE and flips: 64 KiB per image in
+float32, 32 KiB in float16).
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,40 +47,80 @@ CACHE_FORMAT = 1  # bump when what is stored, or how images are read, changes
 PIXELS = "convert(L|RGB), Resize(size, antialias), CenterCrop(size), PILToTensor, x / 127.5 - 1"
 
 
-@dataclass
 class LatentSet:
-    """Posterior mean and std of every cached image: (N, F, C, h, w), F = 2 with hflip ([plain,
-    flipped]) else 1; row k belongs to ``indices[k]`` of the source."""
+    """Posterior mean and std of every cached image: rows (F, C, h, w), F = 2 with hflip ([plain,
+    flipped]) else 1; row k belongs to ``indices[k]`` of the source. The rows live in one or more
+    parts (the ranks' shards, memory-mapped .npy arrays, or in-memory arrays) that follow one
+    another; ``sample`` reads only the rows it is asked for."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
-    indices: np.ndarray
-    scaling_factor: float
-    path: Path | None = None
+    def __init__(self, mean, std, indices, scaling_factor: float, path: Path | None = None, device="cpu"):
+        means = mean if isinstance(mean, list) else [mean]
+        stds = std if isinstance(std, list) else [std]
+        self.means = [m.numpy() if isinstance(m, torch.Tensor) else m for m in means]
+        self.stds = [v.numpy() if isinstance(v, torch.Tensor) else v for v in stds]
+        sizes = [m.shape[0] for m in self.means]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.indices = np.asarray(indices)
+        self.scaling_factor = float(scaling_factor)
+        self.path = path
+        self.device = torch.device(device)
+        shapes = {m.shape[1:] for m in self.means if m.shape[0]}
+        self.row_shape = next(iter(shapes)) if shapes else (1,)
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return int(self.starts[-1])
 
     @property
     def flips(self) -> int:
-        return self.mean.shape[1]
+        return int(self.row_shape[0])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Every row's mean in memory (inspection and tests; training reads rows with ``sample``)."""
+        return self._all(self.means)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._all(self.stds)
+
+    def _all(self, parts) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.float32) for p in parts if p.shape[0]]))
 
     def to(self, device) -> LatentSet:
-        """The set on ``device`` (e.g. the GPU, where drawing and indexing are cheapest)."""
-        return LatentSet(self.mean.to(device), self.std.to(device), self.indices, self.scaling_factor, self.path)
+        """The set, drawing its samples on ``device``; the rows stay where they are stored."""
+        return LatentSet(self.means, self.stds, self.indices, self.scaling_factor, self.path, device)
+
+    def rows(self, rows: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std (float32) of ``rows`` at flip entry ``which``: reads those rows only."""
+        rows, which = np.asarray(rows, dtype=np.int64), np.asarray(which, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"latent rows out of range 0..{len(self) - 1}")
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        mean = np.empty((len(rows), *self.row_shape[1:]), dtype=np.float32)
+        std = np.empty_like(mean)
+        for p in np.unique(part).tolist():
+            sel = np.flatnonzero(part == p)
+            local = rows[sel] - self.starts[p]
+            order = np.argsort(local, kind="stable")  # ascending reads from the file
+            mean[sel[order]] = self.means[p][local[order], which[sel[order]]]
+            std[sel[order]] = self.stds[p][local[order], which[sel[order]]]
+        return mean, std
 
     def sample(
         self, rows: torch.Tensor, flip: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """``(mean + std * eps) * scaling_factor`` of the given rows, with the mirrored entry where
         ``flip`` is True: what ``Codec.encode`` returns for those images, drawn afresh per call."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.mean.device)
-        which = torch.zeros_like(rows)
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu().numpy()
+        which = np.zeros_like(rows)
         if flip is not None:
-            if self.flips < 2 and bool(torch.as_tensor(flip).any()):
+            flip = torch.as_tensor(flip).cpu()
+            if self.flips < 2 and bool(flip.any()):
                 raise DataError("these latents were cached without hflip; rebuild them with hflip=True")
-            which = torch.as_tensor(flip, device=rows.device).long()
-        mean, std = self.mean[rows, which], self.std[rows, which]
+            which = flip.long().numpy()
+        mean, std = self.rows(rows, which)
+        mean = torch.from_numpy(mean).to(self.device)
+        std = torch.from_numpy(std).to(self.device)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * eps) * self.scaling_factor
 
@@ -128,9 +174,10 @@ def vae_identity(vae) -> dict:
     return {"config": json.loads(json.dumps(config, default=str)), "weights": weights, "dtype": str(vae.dtype)}
 
 
-def cache_key(source, indices, vae, image_size: int, channels: int, hflip: bool) -> dict:
+def cache_key(source, indices, vae, image_size: int, channels: int, hflip: bool, dtype: str = "float32") -> dict:
     return {
         "format": CACHE_FORMAT,
+        "dtype": dtype,
         "image_size": int(image_size),
         "channels": int(channels),
         "hflip": bool(hflip),
@@ -142,11 +189,17 @@ def cache_key(source, indices, vae, image_size: int, channels: int, hflip: bool)
 
 
 def cache_paths(cache_dir: Path, key: dict) -> tuple[Path, Path]:
-    """(tensors, key file); the name carries a digest of the key, so caches for other sizes or
-    data sit side by side instead of overwriting one another."""
+    """(stem of the shard files, index file); the names carry a digest of the key, so caches for
+    other sizes or data sit side by side instead of overwriting one another."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = Path(cache_dir) / f"latents-{digest}"
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    return stem, stem.with_suffix(".json")
+
+
+def shard_paths(stem: Path, rank: int, world: int) -> tuple[Path, Path, Path]:
+    """(mean .npy, std .npy, shard key .json) of one rank's shard."""
+    base = f"{stem.name}.r{rank}of{world}"
+    return stem.with_name(base + ".mean.npy"), stem.with_name(base + ".std.npy"), stem.with_name(base + ".json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,19 +257,29 @@ def encode_posteriors(vae, images: torch.Tensor, hflip: bool) -> tuple[torch.Ten
 
 
 def encode_share(
-    source, indices, vae, image_size: int, channels: int, hflip: bool, batch_size: int, show_progress: bool, num_workers: int = 0
+    source, indices, vae, image_size: int, channels: int, hflip: bool, batch_size: int, show_progress: bool,
+    num_workers: int = 0, out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode the given images in batches (a progress bar where ``show_progress``)."""
+    """Encode the given images in batches (a progress bar where ``show_progress``). With ``out``
+    (two arrays of len(indices) rows, e.g. memory-mapped files) each batch is written into them as
+    it is encoded and ``out`` is returned; else the rows are returned as tensors."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(_Pixels(source, indices, channels, image_size), batch_size=batch_size, num_workers=num_workers)
-    means, stds = [], []
+    means, stds, done = [], [], 0
     with conv_layout(vae), tqdm(total=len(indices), desc="encoding latents", unit="img", disable=not show_progress) as bar:
         for images in loader:
             mean, std = encode_posteriors(vae, images, hflip)
-            means.append(mean)
-            stds.append(std)
+            if out is not None:
+                out[0][done : done + len(mean)] = mean.numpy()
+                out[1][done : done + len(mean)] = std.numpy()
+            else:
+                means.append(mean)
+                stds.append(std)
+            done += len(mean)
             bar.update(images.shape[0])
+    if out is not None:
+        return out
     if not means:  # a rank with no share
         return torch.empty(0), torch.empty(0)
     return torch.cat(means), torch.cat(stds)
@@ -227,55 +290,76 @@ def encode_share(
 # --------------------------------------------------------------------------------------------
 
 
-def write_cache(tensors_path: Path, key_path: Path, key: dict, mean, std, indices) -> None:
-    """Tensors first, then the key: a key file only ever names a complete tensor file. Both are
-    written under temporary names and renamed into place."""
-    from safetensors.torch import save_file
-
-    tensors = {"mean": mean, "std": std, "indices": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
-    with atomic_path(tensors_path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": str(CACHE_FORMAT)})
-    atomic_write_json(key_path, {"key": key, "tensors": tensors_path.name})
+def _open_rows(path: Path) -> np.ndarray:
+    """A shard's rows, memory-mapped read-only; a raw .npy (no pickles are ever read)."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def read_cache(tensors_path: Path, key_path: Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) when a complete cache for exactly this key is there, else None. Plain
-    safetensors and JSON: nothing is unpickled."""
-    from safetensors.torch import load_file
-
-    if not (key_path.is_file() and tensors_path.is_file()):
-        return None
+def _shard_complete(stem: Path, rank: int, world: int, key: dict, count: int) -> bool:
+    mean_path, std_path, key_path = shard_paths(stem, rank, world)
+    if not (key_path.is_file() and mean_path.is_file() and std_path.is_file()):
+        return False
     try:
         stored = json.loads(key_path.read_text())
+        if stored.get("key") != json.loads(json.dumps(key)) or stored.get("count") != count:
+            return False
+        return _open_rows(mean_path).shape[0] == count and _open_rows(std_path).shape[0] == count
+    except (OSError, ValueError) as e:
+        logger.warning("latent cache shard '%s' unreadable (%s); encoding it again", mean_path, e)
+        return False
+
+
+def write_shard(stem: Path, rank: int, world: int, key: dict, start: int, rows_shape: tuple, encode) -> None:
+    """One rank's shard: the .npy files are filled batch by batch under temporary names
+    (``encode(out)`` writes into them), flushed and renamed, then the shard's key is written, so a
+    key file only ever names complete arrays."""
+    mean_path, std_path, key_path = shard_paths(stem, rank, world)
+    dtype = np.dtype(key["dtype"])
+    with atomic_path(mean_path) as tmp_mean, atomic_path(std_path) as tmp_std:
+        mean = np.lib.format.open_memmap(tmp_mean, mode="w+", dtype=dtype, shape=rows_shape)
+        std = np.lib.format.open_memmap(tmp_std, mode="w+", dtype=dtype, shape=rows_shape)
+        encode((mean, std))
+        mean.flush()
+        std.flush()
+        del mean, std
+    atomic_write_json(key_path, {"key": key, "rank": rank, "world": world, "start": start, "count": rows_shape[0],
+                                 "mean": mean_path.name, "std": std_path.name})
+
+
+def write_index(index_path: Path, key: dict, world: int, shares: list[np.ndarray]) -> None:
+    stem = index_path.with_suffix("")
+    shards = []
+    for r, share in enumerate(shares):
+        mean_path, std_path, _ = shard_paths(stem, r, world)
+        shards.append({"mean": mean_path.name, "std": std_path.name, "start": int(share[0]) if len(share) else 0,
+                       "count": len(share)})
+    atomic_write_json(index_path, {"key": key, "shards": shards})
+
+
+def read_cache(index_path: Path, key: dict) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """The shards' (means, stds), memory-mapped, when a complete cache for exactly this key is
+    there, else None. Raw .npy arrays and JSON: nothing is unpickled."""
+    if not index_path.is_file():
+        return None
+    try:
+        stored = json.loads(index_path.read_text())
         if stored.get("key") != json.loads(json.dumps(key)):
             return None
-        tensors = load_file(str(tensors_path))
-    except (OSError, ValueError) as e:
-        logger.warning("latent cache '%s' unreadable (%s); encoding again", tensors_path, e)
+        means, stds, rows = [], [], 0
+        for shard in stored["shards"]:
+            mean = _open_rows(index_path.parent / shard["mean"])
+            std = _open_rows(index_path.parent / shard["std"])
+            if mean.shape != std.shape or mean.shape[0] != shard["count"] or shard["start"] != rows:
+                return None
+            means.append(mean)
+            stds.append(std)
+            rows += mean.shape[0]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("latent cache '%s' unreadable (%s); encoding again", index_path, e)
         return None
-    if tensors["mean"].shape[0] != key["num_images"] or tensors["std"].shape != tensors["mean"].shape:
+    if rows != key["num_images"]:
         return None
-    return tensors["mean"], tensors["std"]
-
-
-def _part_path(tensors_path: Path, rank: int, world: int) -> Path:
-    return tensors_path.with_name(f".{tensors_path.stem}.part{rank}-of-{world}.safetensors")
-
-
-def _save_part(path: Path, mean: torch.Tensor, std: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp))
-
-
-def _merge_parts(tensors_path: Path, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ranks' shares, in rank order (each rank took one contiguous slice of the rows)."""
-    from safetensors.torch import load_file
-
-    parts = [load_file(str(_part_path(tensors_path, r, world))) for r in range(world)]
-    parts = [p for p in parts if p["mean"].numel()]
-    return torch.cat([p["mean"] for p in parts]), torch.cat([p["std"] for p in parts])
+    return means, stds
 
 
 def _main_decides(accelerator, value):
@@ -299,48 +383,63 @@ def load_or_build_latents(
     batch_size: int,
     accelerator=None,
     num_workers: int = 0,
+    dtype: str = "float32",
 ) -> LatentSet:
     """The cached latents of ``source[indices]`` at ``image_size`` (plain and mirrored with
     ``hflip``), encoding them first when no valid cache is there. On several processes each rank
-    encodes a contiguous share, rank 0 merges the shares and writes the cache, and every rank
-    reads it back. ``vae`` must be on the rank's device already; ``accelerator`` may be None for
-    one process."""
+    encodes a contiguous share into its own shard (a rank whose complete shard is already there,
+    from an interrupted build, keeps it); rank 0 then writes the index, and every rank opens all
+    shards memory-mapped. ``vae`` must be on the rank's device already; ``accelerator`` may be None
+    for one process. ``dtype``: float32 or float16, the stored values (reads give float32)."""
+    if dtype not in ("float32", "float16"):
+        raise DataError(f"latent cache dtype must be float32 or float16 (diffusion.latent_dtype), got '{dtype}'")
     cache_dir = Path(cache_dir)
     indices = np.asarray(indices, dtype=np.int64)
-    key = cache_key(source, indices, vae, image_size, channels, hflip)
-    tensors_path, key_path = cache_paths(cache_dir, key)
+    key = cache_key(source, indices, vae, image_size, channels, hflip, dtype)
+    stem, index_path = cache_paths(cache_dir, key)
     scale = float(getattr(vae.config, "scaling_factor", 1.0))
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     is_main = rank == 0
 
-    found = read_cache(tensors_path, key_path, key) if is_main else None
+    found = read_cache(index_path, key) if is_main else None
     if _main_decides(accelerator, found is not None):
         if found is None:
-            found = read_cache(tensors_path, key_path, key)
+            found = read_cache(index_path, key)
         if found is None:
-            raise DataError(f"rank {rank} cannot read the latent cache '{tensors_path}' that rank 0 found")
-        logger.info("latents: %d images from cache %s", len(indices), tensors_path)
-        return LatentSet(found[0], found[1], indices, scale, tensors_path)
+            raise DataError(f"rank {rank} cannot read the latent cache '{index_path}' that rank 0 found")
+        logger.info("latents: %d images from cache %s", len(indices), index_path)
+        return LatentSet(found[0], found[1], indices, scale, index_path)
 
-    share = np.array_split(np.arange(len(indices)), world)[rank]
-    logger.info("latents: encoding %d images (%d on this rank) into %s", len(indices), len(share), tensors_path)
-    mean, std = encode_share(source, indices[share], vae, image_size, channels, hflip, batch_size, is_main, num_workers)
+    shares = np.array_split(np.arange(len(indices)), world)
+    share = shares[rank]
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if _shard_complete(stem, rank, world, key, len(share)):
+        logger.info("latents: this rank's shard of %d images is complete already", len(share))
+    else:
+        logger.info("latents: encoding %d images (%d on this rank) into %s", len(indices), len(share), stem)
+        row = _row_shape(vae, image_size, channels, hflip)
+        write_shard(
+            stem, rank, world, key, int(share[0]) if len(share) else 0, (len(share), *row),
+            lambda out: encode_share(source, indices[share], vae, image_size, channels, hflip, batch_size, is_main,
+                                     num_workers, out),
+        )
     if world > 1:
-        _save_part(_part_path(tensors_path, rank, world), mean, std)
         accelerator.wait_for_everyone()
-        if is_main:
-            mean, std = _merge_parts(tensors_path, world)
     if is_main:
-        write_cache(tensors_path, key_path, key, mean, std, indices)
-        for r in range(world if world > 1 else 0):
-            _part_path(tensors_path, r, world).unlink(missing_ok=True)
+        write_index(index_path, key, world, shares)
     if world > 1:
         accelerator.wait_for_everyone()
-        if not is_main:
-            found = read_cache(tensors_path, key_path, key)
-            if found is None:
-                raise DataError(f"rank {rank} cannot read the latent cache '{tensors_path}' rank 0 wrote")
-            mean, std = found
-    return LatentSet(mean, std, indices, scale, tensors_path)
+    found = read_cache(index_path, key)
+    if found is None:
+        raise DataError(f"rank {rank} cannot read the latent cache '{index_path}' that was just written")
+    return LatentSet(found[0], found[1], indices, scale, index_path)
+
+
+def _row_shape(vae, image_size: int, channels: int, hflip: bool) -> tuple:
+    """(F, C, h, w) of one image's posterior, from the VAE's config (AutoencoderKL halves the size
+    at every down block but the last)."""
+    cfg = vae.config
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    side = image_size // factor
+    return (2 if hflip else 1, int(cfg.latent_channels), side, side)

@@ -172,6 +172,9 @@ class DiffusionConfig:
     unet_attention_levels: int = 1  # self-attention in the lowest N resolutions of the UNet
     vae: str = ""  # local AutoencoderKL folder: train in its latent space
     cache_latents: bool = True  # latent space: encode the training images once (both flips), reuse the cache
+    # values stored in the latent cache (memory-mapped .npy shards on disk): float32 | float16 (half the disk
+    # and page cache; the posterior mean and std round to ~3 significant digits)
+    latent_dtype: str = "float32"
     labels: str = "auto"  # auto (this run's pseudo_labels.csv) | true | PATH to a labels CSV
     min_confidence: float = 0.0
     max_per_class: int = 0
@@ -218,9 +221,19 @@ class FIDConfig:
     features: str = "classifier"  # inception | classifier
     inception_weights: str = ""  # local file of the FID Inception-v3 weights
     classifier: str = ""  # classifier folder for in-domain features and synthetic class accuracy
-    per_class: bool = False
+    per_class: bool = False  # also FID per class (keeps every feature in memory: small data only)
     batch_size: int = 250
     out: str = ""  # JSON path; default next to the fake images
+    # the reference set, when set in place of fid.real: train | val (the configured data set's splits) or
+    # FILE.npz (statistics with arrays mu, sigma, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)
+    reference: str = ""
+    reference_samples: int = 0  # images of the reference set, spread evenly over it; 0: all
+    num_samples: int = 0  # generated images used, spread evenly over the set (50000 for ImageNet); 0: all
+    # Inception input: shorter side to this size (bicubic), centre crop, then Inception's resize to 299;
+    # 0: 299. 256 = the centre-cropped 256 px images of ADM/DiT reference batches
+    image_size: int = 0
+    stats_dir: str = ""  # where reference statistics (.npz) are stored and reused; "": <output_dir>/cache/fid
+    inception_score: bool = False  # also the Inception Score (10 splits) of the generated images
 
 
 @dataclass
@@ -396,6 +409,7 @@ _RULES: dict[str, str | tuple] = {
     "diffusion.unet_layers_per_block": ">= 1",
     "diffusion.unet_attention_levels": ">= 0",
     "diffusion.min_confidence": "[0, 1]",
+    "diffusion.latent_dtype": ("float32", "float16"),
     "diffusion.max_per_class": ">= 0",
     "diffusion.p_uncond": "[0, 1)",
     "diffusion.num_train_timesteps": ">= 2",
@@ -422,6 +436,9 @@ _RULES: dict[str, str | tuple] = {
     "generate.seed": ">= 0",
     "fid.features": ("inception", "classifier"),
     "fid.batch_size": ">= 1",
+    "fid.reference_samples": ">= 0",
+    "fid.num_samples": ">= 0",
+    "fid.image_size": ">= 0",
     "retrain.mode": ("semi", "supervised", "probe"),
     "retrain.source": ("synthetic", "pseudo-real", "real", "none"),
     "retrain.filter_conf": "[0, 1]",
@@ -435,7 +452,7 @@ _RULES: dict[str, str | tuple] = {
 FREE_TEXT = {
     "name", "output_dir", "checkpoint", "data.root", "data.label_csv", "model.name", "model.init",
     "diffusion.vae", "diffusion.labels", "generate.model", "generate.out", "generate.classes",
-    "fid.real", "fid.fake", "fid.inception_weights", "fid.classifier", "fid.out", "retrain.synthetic",
+    "fid.real", "fid.fake", "fid.reference", "fid.stats_dir", "fid.inception_weights", "fid.classifier", "fid.out", "retrain.synthetic",
     "retrain.init", "retrain.probe_l2", "data.labeled_csv", "data.unlabeled", "data.val_csv",
     "predict.images", "predict.out", "export.out",
 }

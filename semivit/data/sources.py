@@ -259,7 +259,9 @@ def class_folder_names(folder: Path) -> list[str]:
     return _class_folders(folder)[0]
 
 
-def _image_files(folder: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], list[Path], list[Path]]:
+def _image_files(
+    folder: Path, extensions=IMAGE_EXTENSIONS, visited: list | None = None
+) -> tuple[list[Path], list[Path], list[Path]]:
     """Image files anywhere under a folder, following links to folders as torchvision's
     ImageFolder does, and skipping hidden files and folders. Also returns the files that are not
     images, and image names that are not readable files (links that point nowhere)."""
@@ -272,6 +274,8 @@ def _image_files(folder: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path],
         if real in seen:  # a link back to a folder already listed would repeat (or loop)
             continue
         seen.add(real)
+        if visited is not None:  # (folder, its modification time before it is listed)
+            visited.append((str(d), os.stat(d).st_mtime_ns))
         for e in _entries(d):
             if e.name.startswith("."):
                 continue
@@ -308,11 +312,13 @@ def _scan_split(
     what: str = "train/",
     extensions=IMAGE_EXTENSIONS,
     not_images: list | None = None,
+    visited: list | None = None,
 ) -> tuple[list[str], list[str], list[int]]:
     """Images and labels of one class-folder split. ``classes`` None: this is the training split
     (``what``: train/ or labeled/) and its class folders are the classes; otherwise the held-out
     split, whose classes must be among them. Files that are not images go to ``not_images`` when
-    given (the caller logs them once), else they are logged here."""
+    given (the caller logs them once), else they are logged here. ``visited`` collects every folder
+    listed with its modification time before the listing."""
     is_train = classes is None
     found, loose = _class_folders(folder)
     if not found:
@@ -338,7 +344,7 @@ def _scan_split(
     index = {c: i for i, c in enumerate(classes)}
     paths, targets, skipped, unreadable, empty = [], [], [], [], []
     for c in found:
-        files, others, bad = _image_files(folder / c, extensions)
+        files, others, bad = _image_files(folder / c, extensions, visited)
         skipped += others
         unreadable += bad
         if not files:
@@ -369,7 +375,56 @@ def _scan_split(
     return classes, paths, targets
 
 
-def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
+LIST_FORMAT = 1  # bump when what a stored image list holds, or how a folder is scanned, changes
+
+
+def _listed_split(folder: Path, classes: list[str] | None, list_dir) -> tuple[list[str], list[str], list[int]]:
+    """``_scan_split`` once per run: with ``list_dir`` (the run's ``cache/images/``) the scan's result
+    is stored as JSON with the modification times of every folder it listed, and read back while
+    none of them changed (adding, removing or renaming an image or a class folder changes its
+    folder's time), so later stages and the other ranks do not list 1.28M files again."""
+    if not list_dir:
+        return _scan_split(folder, classes)
+    import hashlib
+    import json
+
+    from semivit.files import atomic_write_json
+
+    folder = folder.resolve()
+    want = {"format": LIST_FORMAT, "folder": str(folder), "classes": classes, "extensions": list(IMAGE_EXTENSIONS)}
+    digest = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(list_dir) / f"images-{folder.name}-{digest}.json"
+    stored = None
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") != want or not _folders_unchanged(stored["folders"]):
+                stored = None
+        except (OSError, ValueError, KeyError, TypeError):
+            stored = None
+    if stored is not None:
+        return stored["classes"], [str(folder / p) for p in stored["paths"]], stored["targets"]
+    # times taken before each listing: a change during the scan shows as a changed time next time
+    visited: list = [(str(folder), os.stat(folder).st_mtime_ns)]
+    found_classes, paths, targets = _scan_split(folder, classes, visited=visited)
+    times = dict(visited)
+    prefix = len(str(folder)) + 1
+    try:
+        atomic_write_json(path, {"key": want, "classes": found_classes, "paths": [p[prefix:] for p in paths],
+                                 "targets": [int(t) for t in targets], "folders": times})
+    except OSError as e:
+        logger.warning("cannot store the image list of '%s' in '%s' (%s); the next stage lists it again", folder, path, e)
+    return found_classes, paths, targets
+
+
+def _folders_unchanged(times: dict) -> bool:
+    try:
+        return all(os.stat(d).st_mtime_ns == t for d, t in times.items())
+    except OSError:
+        return False
+
+
+def _imagefolder(root: str, channels: int, list_dir=None) -> tuple[ImageSource, ImageSource]:
     """The benchmark layout: train/<class>/ (every image labeled; the split hides most labels) and
     val/<class>/ or test/<class>/."""
     rootp = Path(root).expanduser()
@@ -381,8 +436,8 @@ def _imagefolder(root: str, channels: int) -> tuple[ImageSource, ImageSource]:
     held_out = next((rootp / s for s in ("val", "test") if (rootp / s).is_dir()), None)
     if held_out is None:
         raise DataError(f"neither '{rootp / 'val'}' nor '{rootp / 'test'}' exists: add a held-out split")
-    classes, tr_paths, tr_targets = _scan_split(rootp / "train", None)
-    _, te_paths, te_targets = _scan_split(held_out, classes)
+    classes, tr_paths, tr_targets = _listed_split(rootp / "train", None, list_dir)
+    _, te_paths, te_targets = _listed_split(held_out, classes, list_dir)
     mode = "L" if channels == 1 else "RGB"
     return FileSource(tr_paths, tr_targets, classes, mode), FileSource(te_paths, te_targets, classes, mode)
 
@@ -663,7 +718,9 @@ def imagefolder_class_names(cfg: DataConfig) -> list[str] | None:
     return class_folder_names(folder) if folder.is_dir() else None
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
+def build_data(cfg: DataConfig, list_dir: str | Path | None = None) -> DataBundle:
+    """The data set of ``cfg``. ``list_dir``: where an image folder's file list is kept (the run's
+    ``cache/images/``), so the benchmark layout is listed once per run, not once per stage and rank."""
     validate_data(cfg)
     name = cfg.name
     if name == "mnist5k":
@@ -677,7 +734,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
         if uses_given_labels(cfg):
             train, test = _given_labels_layout(cfg, channels)
         else:
-            train, test = _imagefolder(str(_check_root(cfg.root)), channels)
+            train, test = _imagefolder(str(_check_root(cfg.root)), channels, list_dir)
     else:
         raise DataError(f"unknown data.name '{name}': use mnist5k, digits, imagefolder, cifar10 or cifar100")
     if cfg.channels and cfg.channels != channels:

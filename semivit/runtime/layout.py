@@ -16,11 +16,13 @@ as paths, ``RELATIVE`` as the relative names the pipeline's stage table and the 
 | `stage0/` | pretrain (stage 0, MAE) | finetune and the judge (`model.init=auto`), retrain (`retrain.init=stage0`) | `encoder.safetensors` (the MAE encoder), `reconstruction.png`, and the stage files below |
 | `stage1/finetune/` | finetune (stage 1a) | semi (its start), report | a classifier folder (below) |
 | `stage1/semi/` | semi (stage 1b) | pseudo-label, evaluate (default), retrain (`retrain.init=stage1`), report | a classifier folder (below) |
-| `stage1/pseudo_labels.csv` | pseudo-label (stage 1c) | train-diffusion (`diffusion.labels=auto`) | one row per training image: `index,path,label,confidence,true_label`; labeled images keep their label with confidence 1 |
+| `stage1/pseudo_labels.csv` | pseudo-label (stage 1c) | train-diffusion (`diffusion.labels=auto`) | one row per training image: `index,path,label,class_name,confidence,top5_labels,top5_confidences,true_label` (`true_label` empty where unknown); labeled images keep their label with confidence 1 |
 | `stage1/pseudo_labels.json` | pseudo-label | report | count per class, mean confidence and accuracy of the pseudo-labels of the unlabeled images |
 | `judge/` | the pipeline's judge (finetune on every training label) | report (ceiling top-1, synthetic class accuracy, FID features) | a classifier folder (below) |
 | `stage2/` | train-diffusion (stage 2a) | report (curves) | `samples/step_N.png` (sample grids while training) and the stage files below |
-| `cache/latents/` | train-diffusion in latent space (`diffusion.cache_latents`) | train-diffusion (later epochs, reruns, resumed runs, every rank) | the VAE posterior mean and std of every training image, plain and mirrored (safetensors), and the key (data, VAE, resolution) they were made for |
+| `cache/latents/` | train-diffusion in latent space (`diffusion.cache_latents`) | train-diffusion (later epochs, reruns, resumed runs, every rank) | the VAE posterior mean and std of every training image, plain and mirrored (one memory-mapped .npy shard per rank), and the key (data, VAE, resolution, dtype) they were made for |
+| `cache/images/` | the first stage (and rank) that lists an image folder (`data.name=imagefolder`) | every later stage and rank | the folder's image list (classes, paths, labels) and the modification time of every folder listed; listed again when one changed |
+| `cache/fid/` | fid, report (`fid.stats_dir` default) | fid, report (later runs with the same reference images, network and size) | reference statistics `fid-stats-<key>.npz` (`mu`, `sigma`, `count`, `key`) |
 | `stage2/model/` | train-diffusion | generate (`generate.model` default) | the generator: the denoiser's and noise scheduler's diffusers `save_pretrained` files and `dpt_meta.json` (classes, image size, VAE ...) |
 | `synthetic/` | generate (stage 2b) | retrain (`retrain.synthetic` default), fid, report | `<class>/*.png`, `manifest.csv`, `grid.png`, `metrics.json`, `.generation.json` (the settings the images were made with); `fid.json` when `dpt fid` ran without `fid.out` |
 | `stage3/` | retrain (stage 3) | report | a classifier folder (below) |
@@ -160,6 +162,10 @@ class RunLayout:
     @property
     def latents(self) -> Path:
         return self.root / "cache" / "latents"
+
+    @property
+    def image_lists(self) -> Path:
+        return self.root / "cache" / "images"
 
     @property
     def generator(self) -> Path:

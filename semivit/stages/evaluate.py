@@ -99,7 +99,7 @@ def run_evaluate(cfg: Config, checkpoint: str) -> dict:
     folder = Path(checkpoint)
     out_dir = layout(cfg).evaluation(folder.name)
     meta = read_classifier_meta(folder)  # a wrong folder fails before any data is read
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     check_same_classes(
         meta["classes"], f"classifier '{folder}'", bundle.classes, data_description(cfg.data),
         "evaluate it on the data set it was trained on (data.name / data.root)",

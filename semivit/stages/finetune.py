@@ -82,7 +82,7 @@ def run_finetune(
         clip_grad=fc.clip_grad,
         nonfinite_hint="lower finetune.lr or set finetune.amp=no",
     )
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     tf = build_transforms(cfg.data, bundle)
     source, idx, num_unlabeled = _training_set(cfg, bundle, labeled, use_run_split, name)
     if source.num_classes != bundle.num_classes:

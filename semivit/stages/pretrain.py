@@ -63,7 +63,7 @@ def run_pretrain(cfg: Config) -> Path:
         grad_accum=pc.grad_accum,
         nonfinite_hint="lower pretrain.lr or set pretrain.amp=no",
     )
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     tf = build_transforms(cfg.data, bundle)
     # MAE's only augmentation: random translation (small images) or random resized crop (ImageNet)
     dataset = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf["pretrain"])

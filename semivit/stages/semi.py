@@ -103,7 +103,7 @@ def run_semi(
         skip_nonfinite=not sc.stop_on_nonfinite,
         nonfinite_hint="lower semi.lr or semi.lambda_u, or set semi.amp=no (semi.stop_on_nonfinite=false skips such steps)",
     )
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data, layout(cfg).image_lists)
     K = bundle.num_classes
     tf = build_transforms(cfg.data, bundle)
     split = run_split(cfg, bundle.train, name)  # the run's labeled split, as fine-tuning saw it

@@ -33,7 +33,7 @@ def check_contracts(run: Path) -> dict:
     for key in ("supervised_top1", "semivit_top1", "dpt_top1", "pseudo_label_acc", "synthetic_class_acc"):
         assert 0.0 <= summary[key] <= 100.0, key
     assert summary["fid"] >= 0 and summary["fid_features"]
-    assert header(run / "stage1" / "pseudo_labels.csv") == ["index", "path", "label", "confidence", "true_label"]
+    assert header(run / "stage1" / "pseudo_labels.csv") == ["index", "path", "label", "class_name", "confidence", "top5_labels", "top5_confidences", "true_label"]
     assert header(run / "synthetic" / "manifest.csv") == [
         "file", "label", "class_name", "seed", "guidance_scale", "sampler", "steps", "model"
     ]

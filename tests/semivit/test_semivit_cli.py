@@ -72,7 +72,7 @@ def test_all_stages_from_the_command_line(tmp_path):
     assert cli(out, "pseudo-label") == 0
     with open(out / "stage1" / "pseudo_labels.csv") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == ["index", "path", "label", "confidence", "true_label"]
+        assert reader.fieldnames == ["index", "path", "label", "class_name", "confidence", "top5_labels", "top5_confidences", "true_label"]
         rows = list(reader)
     assert [int(r["index"]) for r in rows] == list(range(240))
     labeled = {int(r["index"]) for r in csv.DictReader(open(semi / "label_split.csv"))}

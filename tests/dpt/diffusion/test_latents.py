@@ -87,7 +87,8 @@ def test_built_once_then_reused(tmp_path):
     assert sum(calls) == 14  # no second encode
     assert torch.equal(again.mean, first.mean) and torch.equal(again.std, first.std)
     names = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(names) == 2 and names[0].endswith(".json") and names[1].endswith(".safetensors")  # no temp or part files
+    stem = first.path.stem
+    assert names == sorted([f"{stem}.json", f"{stem}.r0of1.json", f"{stem}.r0of1.mean.npy", f"{stem}.r0of1.std.npy"])
 
 
 def test_mean_std_equal_direct_encode_and_flip(tmp_path):
@@ -153,17 +154,58 @@ def test_vae_folder_identity_and_in_memory_data(tmp_path):
     assert calls2
 
 
-def test_cache_reads_with_safetensors_and_json_only(tmp_path):
-    from safetensors.torch import load_file
-
+def test_cache_is_raw_npy_memory_mapped_and_json(tmp_path):
     source = write_images(tmp_path / "data")
     latents = build(tmp_path / "cache", source, tiny_vae())
-    tensors = load_file(str(latents.path))
-    assert set(tensors) == {"mean", "std", "indices"}
-    assert torch.equal(tensors["mean"], latents.mean) and tensors["indices"].tolist() == list(range(7))
-    key = json.loads(latents.path.with_suffix(".json").read_text())
-    assert key["tensors"] == latents.path.name
-    assert key["key"]["image_size"] == SIZE and key["key"]["hflip"] is True and key["key"]["num_images"] == 7
+    index = json.loads(latents.path.read_text())
+    assert index["key"]["image_size"] == SIZE and index["key"]["hflip"] is True and index["key"]["num_images"] == 7
+    assert index["key"]["dtype"] == "float32" and [s["count"] for s in index["shards"]] == [7]
+    mean = np.load(latents.path.parent / index["shards"][0]["mean"], allow_pickle=False)
+    assert mean.dtype == np.float32 and torch.equal(torch.from_numpy(mean), latents.mean)
+    assert all(isinstance(m, np.memmap) for m in latents.means + latents.stds)  # opened memory-mapped, not read
+
+
+def test_float16_cache_is_half_the_size_and_close(tmp_path):
+    source = write_images(tmp_path / "data")
+    vae = tiny_vae()
+    full = build(tmp_path / "cache", source, vae)
+    calls = count_encodes(vae)
+    half = load_or_build_latents(tmp_path / "cache", source, np.arange(7), vae, SIZE, 3, True, 3, None, dtype="float16")
+    assert calls  # another dtype is another cache
+    assert half.means[0].dtype == np.float16 and half.path != full.path
+    assert torch.allclose(half.mean, full.mean, atol=2e-3, rtol=2e-3)
+    assert half.sample(torch.tensor([0, 6]), torch.tensor([False, True])).dtype == torch.float32
+    with pytest.raises(ValueError, match="float32 or float16"):
+        load_or_build_latents(tmp_path / "cache", source, np.arange(7), vae, SIZE, 3, True, 3, None, dtype="bf16")
+
+
+class _Recorder:
+    """Stands in for a shard array and records which rows are read from it."""
+
+    def __init__(self, array):
+        self.array, self.reads, self.shape, self.dtype = array, [], array.shape, array.dtype
+
+    def __getitem__(self, key):
+        self.reads.append(np.asarray(key[0]).tolist())
+        return self.array[key]
+
+
+def test_sample_reads_only_the_rows_of_its_batch_from_disk(tmp_path):
+    source = write_images(tmp_path / "data")
+    latents = build(tmp_path / "cache", source, tiny_vae())
+    expect = latents.mean.clone()
+    # the arrays follow the files: rows written to disk after opening are what a read returns
+    index = json.loads(latents.path.read_text())
+    on_disk = np.load(latents.path.parent / index["shards"][0]["mean"], mmap_mode="r+", allow_pickle=False)
+    on_disk[5] = np.nan
+    on_disk.flush()
+    mean, _ = latents.rows(np.array([2, 0]), np.array([0, 1]))
+    assert np.allclose(mean, expect[[2, 0], [0, 1]].numpy())
+    assert np.isnan(latents.rows(np.array([5]), np.array([0]))[0]).all()
+    rec = _Recorder(latents.means[0])
+    latents.means[0] = rec
+    latents.rows(np.array([6, 1, 3]), np.array([0, 0, 1]))
+    assert rec.reads == [[1, 3, 6]]  # the batch's rows, nothing else
 
 
 def test_sample_draws_around_the_posterior():
@@ -204,7 +246,9 @@ def test_two_ranks_share_the_encoding(tmp_path):
     two = load_or_build_latents(tmp_path / "two", source, np.arange(7), vae, SIZE, 3, True, 3, None)
     assert not calls  # one process finds the cache the two ranks wrote
     assert torch.allclose(two.mean, one.mean, atol=1e-6) and torch.allclose(two.std, one.std, atol=1e-6)
-    assert not any(p.name.startswith(".") for p in (tmp_path / "two").iterdir())  # part files removed
+    index = json.loads(two.path.read_text())
+    assert [(s["start"], s["count"]) for s in index["shards"]] == [(0, 4), (4, 3)]  # one shard per rank, not merged
+    assert not any(p.name.startswith(".") for p in (tmp_path / "two").iterdir())  # no temporary files left
 
 
 def _two_rank_main(out: Path) -> None:
