@@ -84,6 +84,7 @@ COMMANDS: dict[str, tuple[Callable, str, tuple[str, ...], str]] = {
         "the classifier retrained on real labeled + synthetic (or control) images (stage 3)",
     ),
     "run": (_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report"),
+    "plan": (None, "pipeline", (), "per stage (diffusion and retrain included) on --processes N: batches, lr, steps, time"),
 }
 
 
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         add_command(sub, name)
     from dpt.pipeline import STAGE_NAMES
+    from semivit.cli import add_plan_options
 
+    add_plan_options(sub.choices["plan"])
     sub.choices["run"].add_argument(
         "--from", dest="start", choices=STAGE_NAMES, default=None, help="rerun from this stage on"
     )
@@ -136,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     run = COMMANDS[args.command][0]
 
     def body():
+        if args.command == "plan":
+            from semivit.cli import print_plan
+
+            return print_plan(args, diffusion=True)
         cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
         folder = written_folder(args.command, cfg)
         setting = "output_dir" if folder is None or folder == cfg.run_dir.resolve() else "generate.out"

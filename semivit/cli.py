@@ -25,6 +25,7 @@ COMMANDS = {
     "semi": "stage 1b: EMA-Teacher semi-supervised fine-tuning (Semi-ViT)",
     "evaluate": "top-1/top-5 of a classifier folder (checkpoint=FOLDER) on the held-out split",
     "pseudo-label": "label the training images with the EMA teacher (pseudo_labels.csv)",
+    "plan": "per stage on --processes N: global batch, per-process batch, accumulation, lr, steps, images, time",
 }
 
 
@@ -37,7 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--config", default=None, help="YAML file (configs/mnist5k.yaml when omitted)")
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
         s.add_argument("overrides", nargs="*", help="settings as key=value, e.g. output_dir=runs/a data.labels_per_class=10")
+        if name == "plan":
+            add_plan_options(s)
     return p
+
+
+def add_plan_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--processes", type=int, default=1, help="processes (GPUs) of the launch to plan for")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument("--throughput", default=None, help="the throughput benchmark's JSON (default: its committed result)")
+
+
+def print_plan(args, diffusion: bool) -> None:
+    from semivit.stages.plan import format_plan, plan
+
+    cfg = load_config(default_config(args.config), args.overrides)
+    result = plan(cfg, args.processes, diffusion=diffusion, throughput=args.throughput)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
 def run(command: str, cfg):
@@ -72,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def body():
+        if args.command == "plan":
+            return print_plan(args, diffusion=False)
         cfg = load_config(default_config(args.config), args.overrides)
         with run_lock(cfg.run_dir, f"semivit {' '.join(argv)}", f"semivit {args.command}"):
             result = run(args.command, cfg)

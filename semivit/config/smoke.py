@@ -113,6 +113,7 @@ def _shrink_classifier_stages(cfg: Config) -> None:
     for section in (cfg.pretrain, cfg.finetune, cfg.semi):
         section.epochs = 1
         section.batch_size = SMOKE_BATCH
+        _keep_launch_layout(section)
         section.warmup_epochs = min(section.warmup_epochs, SMOKE_WARMUP_EPOCHS)
     cfg.finetune.eval_every = 0
     cfg.semi.eval_every = 0
@@ -124,10 +125,17 @@ def _shrink_classifier_stages(cfg: Config) -> None:
     cfg.pipeline.judge_epochs = 1
 
 
+def _keep_launch_layout(section) -> None:
+    """The lr and accumulation the launch derived from global_batch / blr stay; the recipe's global
+    batch is dropped so the smoke batch is not derived again from it."""
+    section.global_batch, section.blr, section.max_device_batch = 0, 0.0, 0
+
+
 def _shrink_diffusion(cfg: Config) -> None:
     dc = cfg.diffusion
     dc.epochs = 1
     dc.batch_size = SMOKE_BATCH
+    _keep_launch_layout(dc)
     dc.warmup_steps = min(dc.warmup_steps, SMOKE_WARMUP_STEPS)
     dc.sample_every = 0  # the sample grid at the end of training (VAE decode included)
     dc.checkpoint_every = 1  # resumable state saved every epoch, as a long run would
