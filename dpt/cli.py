@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from semivit.config.load import load_config
+from semivit.config.scaling import check_launch
 from semivit.runtime.command import run_cli
 from semivit.runtime.layout import MANIFEST, layout
 from semivit.runtime.lock import lock_folder, run_lock
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return print_plan(args, diffusion=True)
         cfg = load_config(args.config, expand_overrides(args.command, args.overrides))
+        check_launch(cfg, _trained_sections(args.command, cfg))  # before the first stage, not hours into the run
         folder = written_folder(args.command, cfg)
         setting = "output_dir" if folder is None or folder == cfg.run_dir.resolve() else "generate.out"
         with run_lock(folder, f"dpt {' '.join(argv)}", f"dpt {args.command}", setting):
@@ -155,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
                 run(cfg)
 
     return run_cli("dpt", args.command, body, debug=args.debug)
+
+
+def _trained_sections(command: str, cfg) -> tuple[str, ...]:
+    if command == "train-diffusion":
+        return ("diffusion",)
+    if command == "retrain":
+        return ("semi",) if cfg.retrain.mode == "semi" else ("finetune",) if cfg.retrain.mode == "supervised" else ()
+    if command == "run":
+        return (("pretrain",) if cfg.model.init == "auto" else ()) + ("finetune", "semi", "diffusion")
+    return ()
 
 
 def _sets_data(overrides: list[str]) -> bool:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from semivit.config.load import load_config
+from semivit.config.scaling import check_launch
 from semivit.errors import ConfigError
 from semivit.runtime.command import run_cli
 from semivit.runtime.layout import layout
@@ -27,6 +28,8 @@ COMMANDS = {
     "pseudo-label": "label the training images with the EMA teacher (pseudo_labels.csv)",
     "plan": "per stage on --processes N: global batch, per-process batch, accumulation, lr, steps, images, time",
 }
+
+STAGE_SECTIONS = {"pretrain": ("pretrain",), "finetune": ("finetune",), "semi": ("semi",)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return print_plan(args, diffusion=False)
         cfg = load_config(default_config(args.config), args.overrides)
+        check_launch(cfg, STAGE_SECTIONS.get(args.command, ()))
         with run_lock(cfg.run_dir, f"semivit {' '.join(argv)}", f"semivit {args.command}"):
             result = run(args.command, cfg)
         if isinstance(result, Path):

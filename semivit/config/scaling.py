@@ -73,16 +73,32 @@ def layout_section(sec, name: str, processes: int) -> Layout:
     return Layout(name, processes, per_proc // accum, accum, lr, derived=True)
 
 
-def apply_scaling(cfg, processes: int | None = None) -> dict[str, Layout]:
+def apply_scaling(cfg, processes: int | None = None, strict: bool = True) -> dict[str, Layout]:
     """Write each training section's derived ``batch_size``, ``grad_accum`` and ``lr`` into ``cfg``
-    (in place) for a launch of ``processes`` (default: this launch's). Idempotent."""
+    (in place) for a launch of ``processes`` (default: this launch's). Idempotent. ``strict=False``
+    leaves a section whose global batch this launch cannot reach as it is (a stage that trains it
+    refuses to start: ``check_launch``), so a config whose other stages fit still loads."""
     processes = launch_processes() if processes is None else processes
     out = {}
     for name in TRAINING_SECTIONS:
         sec = getattr(cfg, name)
-        lay = layout_section(sec, name, processes)
+        try:
+            lay = layout_section(sec, name, processes)
+        except ConfigError:
+            if strict:
+                raise
+            continue
         if lay.derived:
             sec.batch_size, sec.grad_accum = lay.per_process, lay.accum
         sec.lr = lay.lr
         out[name] = lay
     return out
+
+
+def check_launch(cfg, sections, processes: int | None = None) -> None:
+    """A ConfigError, before a stage starts, when this launch cannot reach the global batch of one
+    of the training ``sections`` it is about to train."""
+    processes = launch_processes() if processes is None else processes
+    for name in sections:
+        if name in TRAINING_SECTIONS:
+            layout_section(getattr(cfg, name), name, processes)

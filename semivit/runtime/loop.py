@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from semivit.config.load import save_config
+from semivit.config.scaling import check_launch
 from semivit.config.schema import Config, to_dict
 from semivit.errors import CheckpointError, NonFiniteLoss, StopRequested
 from semivit.files import atomic_write_json, load_weights, save_weights
@@ -201,6 +202,7 @@ class Trainer:
         self.grad_accum, self.clip_grad = max(1, grad_accum), clip_grad
         self.skip_nonfinite, self.nonfinite_hint = skip_nonfinite, nonfinite_hint
         self.settings = settings_hash(cfg, sections)
+        check_launch(cfg, sections)  # a global batch this launch cannot reach stops here, before any work
         self.accelerator = make_accelerator(cfg, self.stage_dir, amp, grad_accum)
         self.state = TrainState()
         self._tracked: dict[str, object] = {}

@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from semivit.config.scaling import Layout, apply_scaling
+from semivit.config.scaling import Layout, apply_scaling, check_launch, layout_section
 from semivit.config.schema import Config
 from semivit.errors import ConfigError
 
@@ -90,7 +90,10 @@ def _row(name: str, section: str, lay: Layout, epochs: int, micro: int, images_p
 def plan(cfg: Config, processes: int, diffusion: bool = False, throughput: Path | None = None) -> dict:
     """The plan of ``cfg`` on ``processes`` processes; ``diffusion``: the DPT stages too."""
     cfg = copy.deepcopy(cfg)
-    layouts = apply_scaling(cfg, processes)
+    apply_scaling(cfg, processes, strict=False)
+    shown = (("pretrain",) if cfg.model.init == "auto" else ()) + ("finetune", "semi") + (("diffusion",) if diffusion else ())
+    check_launch(cfg, shown, processes)
+    layouts = {name: layout_section(getattr(cfg, name), name, processes) for name in shown}
     sizes = data_sizes(cfg)
     p = processes
     rows: list[StagePlan] = []
