@@ -276,7 +276,7 @@ def run_train_diffusion(cfg: Config) -> Path:
         "labels": labels.source,
     }
 
-    model = build_denoiser(dcfg, k, m_channels, m_size)
+    model = build_denoiser(dcfg, k, m_channels, m_size).to(device)  # on the device before its optimizer (fused AdamW)
     noise_scheduler = make_noise_scheduler(dcfg, latent=vae is not None)
     from diffusers.training_utils import EMAModel
 
@@ -306,7 +306,9 @@ def run_train_diffusion(cfg: Config) -> Path:
     model, loader = trainer.prepare(model, optimizer, loader)
     ema.to(device)
     total_steps = max(1, dcfg.epochs * trainer.updates_per_epoch)
-    trainer.schedule(dcfg.epochs, min(dcfg.warmup_steps, total_steps // 2), min_lr_ratio=0.1)
+    # cosine: decay to a tenth of the lr; constant (DiT): the lr throughout after the warm-up
+    trainer.schedule(dcfg.epochs, min(dcfg.warmup_steps, total_steps // 2),
+                     min_lr_ratio=1.0 if dcfg.lr_schedule == "constant" else 0.1)
     trainer.track(ema=ema)
     resumed = trainer.resume()
     resumed_from = trainer.state.epoch if resumed else None
