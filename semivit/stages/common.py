@@ -24,8 +24,9 @@ from semivit.models.classifier import (
     load_encoder_weights,
     save_classifier,
 )
+from semivit.runtime.accelerator import use_cpu
 from semivit.runtime.layout import LABEL_SPLIT, layout
-from semivit.runtime.loop import seed_worker
+from semivit.runtime.loop import pin_batches, seed_worker
 from semivit.stages.class_checks import check_classifier_classes
 
 logger = logging.getLogger("semivit")
@@ -97,6 +98,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, cfg: Config, drop_last:
         worker_init_fn=seed_worker,
         generator=g,
         persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=pin_batches(cfg, torch.device("cpu" if use_cpu() else "cuda")),
     )
 
 
