@@ -155,7 +155,14 @@ def smoke_overrides(cfg: Config) -> list[str]:
     changes, for its log, or to run the same shrunk pipeline by hand with plain overrides."""
     from semivit.config.schema import to_dict
 
-    return [f"{key}={_yaml_value(value)}" for key, value in _flat_diff(to_dict(cfg), to_dict(apply_smoke(cfg)))]
+    after = to_dict(apply_smoke(cfg))
+    pairs = _flat_diff(to_dict(cfg), after)
+    # a section whose global batch smoke drops keeps its derived lr and accumulation: state them,
+    # or reading the file again would not derive them
+    dropped = {key.split(".")[0] for key, _ in pairs if key.endswith((".global_batch", ".blr"))}
+    pairs += [(f"{sec}.{k}", after[sec][k]) for sec in sorted(dropped) for k in ("lr", "grad_accum")
+              if (f"{sec}.{k}", after[sec][k]) not in pairs]
+    return [f"{key}={_yaml_value(value)}" for key, value in pairs]
 
 
 def _flat_diff(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object]]:

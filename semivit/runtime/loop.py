@@ -3,11 +3,14 @@ diffusion model, stage-3 retraining).
 
 A stage hands the :class:`Trainer` its model, optimizer, loaders and a step function that returns
 the losses of one micro-batch; the trainer owns everything else: epochs and optimizer steps,
-gradient accumulation, the non-finite policy, ``stop_after_epoch``, seeded loaders, one random
+gradient accumulation, the non-finite policy (a flag on the device, read every
+``train.nonfinite_every`` optimizer steps and at every epoch's end, so never a host sync per
+micro-batch and never a checkpoint after a non-finite loss), ``stop_after_epoch``, seeded loaders, one random
 stream per rank, resumable checkpoints that are never unpickled, progress bars, the history,
 ``curves.png`` and TensorBoard, and the order in which a finished stage writes its files.
 
-Counting rule: batch sizes are per process. An epoch is one pass over the data by all processes
+Counting rule: batch sizes are per process (a section's ``global_batch`` is turned into them by
+semivit.config.scaling before any stage starts). An epoch is one pass over the data by all processes
 together, so each process takes ``len(data) / (processes x batch)`` micro-batches; an optimizer
 step is ``grad_accum`` micro-batches, and the lr schedule counts optimizer steps.
 """
