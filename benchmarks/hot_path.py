@@ -94,7 +94,8 @@ def run_variant(name: str, args, workdir: Path) -> dict:
 
 def hot_path_args(small: bool) -> argparse.Namespace:
     """The settings of a run: a small CPU-sized one, or the GPU command's."""
-    argv = [] if small else ["--model", "vit_base_patch16_224", "--image-size", "224", "--batch-size", "128", "--steps", "30"]
+    argv = (["--model", "vit_micro_patch4", "--image-size", "16", "--batch-size", "8", "--steps", "3", "--warmup", "1"]
+            if small else ["--model", "vit_base_patch16_224", "--image-size", "224", "--batch-size", "128", "--steps", "30"])
     return parser().parse_args(argv)
 
 
