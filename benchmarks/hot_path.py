@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
               ("adamw_foreach", "adamw_fused"), ("flag_every_50", "compile"), ("tf32_off", "tf32"), ("pageable", "pinned"))
               if a in by and b in by}
     data = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "device": "cuda" if cuda else "cpu",
+            "load_average_1_5_15min": list(os.getloadavg()),  # a shared CPU: other work in the timings
             "rows": rows, "speedups": ratios, "not_run_here": skipped}
-    out = Path(args.out) if args.out else result_dir(__file__) / f"{'cuda' if cuda else 'cpu'}.json"
+    out = Path(args.out) if args.out else result_dir("benchmarks.hot_path") / f"{'cuda' if cuda else 'cpu'}.json"
     write_result(out, data)
     for k, v in ratios.items():
         print(f"{k}: x{v:.3f}")
