@@ -9,7 +9,8 @@ What smoke KEEPS (everything that decides whether a run can work):
     diffusion model (dit/unet, width, depth, heads, patch size), MAE's decoder;
   * the resolution and channels: data.image_size, data.channels, diffusion.image_size, the
     augmentation recipe (data.transforms, RandAugment, random erasing, flips, crop padding);
-  * the precision: pretrain/finetune/semi/diffusion .amp, and grad_accum (the accumulation path);
+  * the precision: pretrain/finetune/semi/diffusion .amp, and grad_accum (the accumulation path;
+    one derived from a global batch is capped at SMOKE_MAX_ACCUM) and the lr the launch derived;
   * the user's files: diffusion.vae, fid.inception_weights, fid.classifier, the data set;
   * the method: fid.features, the noise schedule and prediction type, the sampler and guidance
     scale, the EMA settings, mixup/cutmix, pseudo mixup, tau, dist_align, the label count;
@@ -125,9 +126,16 @@ def _shrink_classifier_stages(cfg: Config) -> None:
     cfg.pipeline.judge_epochs = 1
 
 
+SMOKE_MAX_ACCUM = 2  # a derived accumulation (a large global batch on one process) runs as 2 micro-batches
+
+
 def _keep_launch_layout(section) -> None:
-    """The lr and accumulation the launch derived from global_batch / blr stay; the recipe's global
-    batch is dropped so the smoke batch is not derived again from it."""
+    """The lr the launch derived from global_batch / blr stays, and so does the accumulation path
+    (a derived accumulation above SMOKE_MAX_ACCUM runs as SMOKE_MAX_ACCUM micro-batches: a global
+    batch of 512 on one process would otherwise make every smoke step 8 micro-batches); the
+    recipe's global batch is dropped so the smoke batch is not derived again from it."""
+    if section.global_batch > 0:
+        section.grad_accum = min(section.grad_accum, SMOKE_MAX_ACCUM)
     section.global_batch, section.blr, section.max_device_batch = 0, 0.0, 0
 
 
