@@ -5,7 +5,17 @@ Rows: (a) ViT-B/16 224 px supervised fine-tuning step, (b) Semi-ViT step (mu = 5
 the weak views, student on labeled + strong views, pseudo mixup on), (c) MAE ViT-B/16 pre-training
 step, (d) DiT-B/2 training step on 32x32x4 latents, (e) DiT-B/2 guided sampling (DPM-Solver++, 25
 steps) with our loop and with diffusers' DiTPipeline on the same weights, (f) pseudo mixup, batched
-against a per-sample loop, at 224 px and 28 px (one thread on the CPU).
+against a per-sample loop, at 224 px and 28 px (one thread on the CPU), (g) the training loop's hot
+path through the project's Trainer, one change at a time (benchmarks/hot_path.py: the non-finite
+flag read every step against every 50 steps, AdamW for-loop / foreach / fused, torch.compile, and
+on CUDA TF32 and pinned memory with non_blocking copies; compile only on CUDA here).
+
+GPU commands (TF32 on for the float32 parts with --tf32):
+
+    python -m benchmarks.throughput --rows a,b,c,d,g --tf32 --out benchmarks/results/throughput/throughput.json
+    python -m benchmarks.hot_path --model vit_base_patch16_224 --image-size 224 --batch-size 128 --steps 30
+
+``python -m semivit plan`` reads benchmarks/results/throughput/throughput.json for its time estimates.
 
 FLOPs are those of one counted step (``torch.utils.flop_counter.FlopCounterMode``: matmuls,
 convolutions, attention; forward and backward); MFU divides FLOPs/s by the device's dense peak for
@@ -43,7 +53,7 @@ import torch
 from benchmarks.record import ROOT, result_dir, write_result
 from semivit.stages.ssl import prob_pseudo_mixup, smooth_one_hot
 
-ROWS = "abcdef"
+ROWS = "abcdefg"
 MU = 5  # unlabeled images per labeled one in the Semi-ViT step
 SAMPLING_STEPS = 25
 GUIDANCE = 4.0  # any w other than 0 and 1 runs the doubled (conditional + unconditional) batch
@@ -576,6 +586,25 @@ def _row(w: Workload, seconds: float, flops: float, attention_ops: list[str], st
     }
 
 
+def hot_path_rows(device: torch.device, small: bool) -> list[dict]:
+    """Row g: the Trainer's hot path one change at a time (benchmarks/hot_path.py), small on a CPU."""
+    from benchmarks.hot_path import CUDA_ONLY, VARIANTS, hot_path_args, run_variant
+
+    cuda = device.type == "cuda"
+    args = hot_path_args(small or not cuda)
+    rows = []
+    for name in VARIANTS:
+        if (name in CUDA_ONLY or name == "compile") and not cuda:
+            continue
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_variant(name, args, Path(tmp))
+        rows.append({"row": "g", "name": f"loop_{name}", "batch": args.batch_size, "images_per_s": r["images_per_s"],
+                     "step_ms": r["step_ms"]})
+    return rows
+
+
 def compare_semi_to_finetune(results: list[dict]) -> None:
     """Semi-ViT's time per student image over the supervised step's (target: <= 1.4 on a GPU)."""
     by_name = {r["name"]: r for r in results}
@@ -602,6 +631,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=ROWS, help="letters of the rows to run, e.g. a,b,f (default: all)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--tf32", action="store_true", help="CUDA: TF32 tensor cores for float32 matmuls (the training default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (FLOPs are counted eagerly first)")
     p.add_argument("--batch-size", type=int, default=0, help="images per step for every row (Semi-ViT: labeled + unlabeled)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default: 20 on CUDA, 2 on CPU)")
@@ -663,6 +693,9 @@ def main(argv: list[str] | None = None) -> dict:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        from semivit.runtime.accelerator import enable_tf32
+
+        enable_tf32(args.tf32)
     name = device_name(device)
     peak = args.peak_tflops or (table_peak_tflops(name, precision) if device.type == "cuda" else None)
     batches = default_batches(device, args.small)
@@ -691,6 +724,8 @@ def main(argv: list[str] | None = None) -> dict:
             results += [ours, theirs]
         elif row == "f":
             results += mixup_rows(device, args.mixup_repeats)
+        elif row == "g":
+            results += hot_path_rows(device, args.small)
         free(device)
         for r in results[done:]:
             print(f"row {r['row']} {r['name']}: {r['images_per_s']:.2f} images/s, {r['step_ms']:.1f} ms/step", flush=True)

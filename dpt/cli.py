@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from semivit.config.load import load_config
 from semivit.config.reads import EVERYTHING, Reads
+from semivit.config.scaling import check_launch
 from semivit.runtime.command import check_unread, run_cli
 from semivit.runtime.layout import MANIFEST, layout
 from semivit.runtime.lock import lock_folder, run_lock
@@ -119,6 +120,10 @@ COMMANDS: dict[str, Command] = {
         Reads(("export",)),
     ),
     "run": Command(_run, "pipeline", (), "the whole pipeline: stages 0-3, evaluation and report", Reads((EVERYTHING,))),
+    "plan": Command(
+        None, "pipeline", (), "per stage (diffusion and retrain included) on --processes N: batches, lr, steps, time",
+        Reads((EVERYTHING,)),
+    ),
 }
 
 ALLOW_UNREAD_HELP = "run even if a key=value override is not read by the command (a warning instead of an error)"
@@ -149,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         add_command(sub, name)
     from dpt.pipeline import STAGE_NAMES
+    from semivit.cli import add_plan_options
 
+    add_plan_options(sub.choices["plan"])
     sub.choices["run"].add_argument(
         "--from", dest="start", choices=STAGE_NAMES, default=None, help="rerun from this stage on"
     )
@@ -176,9 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     run = COMMANDS[args.command].run
 
     def body():
+        if args.command == "plan":
+            from semivit.cli import print_plan
+
+            return print_plan(args, diffusion=True)
         overrides = expand_overrides(args.command, args.overrides)
         cfg = load_config(args.config, overrides)
         check_unread("dpt", args.command, overrides, COMMANDS[args.command].reads, args.allow_unread)
+        check_launch(cfg, _trained_sections(args.command, cfg))  # before the first stage, not hours into the run
         folder = written_folder(args.command, cfg)
         setting = "output_dir" if folder is None or folder == cfg.run_dir.resolve() else "generate.out"
         with run_lock(folder, f"dpt {' '.join(argv)}", f"dpt {args.command}", setting):
@@ -190,6 +202,16 @@ def main(argv: list[str] | None = None) -> int:
                 run(cfg)
 
     return run_cli("dpt", args.command, body, debug=args.debug)
+
+
+def _trained_sections(command: str, cfg) -> tuple[str, ...]:
+    if command == "train-diffusion":
+        return ("diffusion",)
+    if command == "retrain":
+        return ("semi",) if cfg.retrain.mode == "semi" else ("finetune",) if cfg.retrain.mode == "supervised" else ()
+    if command == "run":
+        return (("pretrain",) if cfg.model.init == "auto" else ()) + ("finetune", "semi", "diffusion")
+    return ()
 
 
 def _sets_data(overrides: list[str]) -> bool:

@@ -295,7 +295,7 @@ def run_train_diffusion(cfg: Config) -> Path:
         "labels": labels.source,
     }
 
-    model = build_denoiser(dcfg, k, m_channels, m_size)
+    model = build_denoiser(dcfg, k, m_channels, m_size).to(device)  # on the device before its optimizer (fused AdamW)
     noise_scheduler = make_noise_scheduler(dcfg, latent=vae is not None)
     from diffusers.training_utils import EMAModel
 
@@ -325,7 +325,7 @@ def run_train_diffusion(cfg: Config) -> Path:
     model, loader = trainer.prepare(model, optimizer, loader)
     ema.to(device)
     total_steps = max(1, dcfg.epochs * trainer.updates_per_epoch)
-    trainer.schedule(dcfg.epochs, min(dcfg.warmup_steps, total_steps // 2), min_lr_ratio=0.1)
+    trainer.schedule(dcfg.epochs, min(dcfg.warmup_steps, total_steps // 2), min_lr_ratio=final_lr_ratio(dcfg))
     trainer.track(ema=ema)
     resumed = trainer.resume()
     resumed_from = trainer.state.epoch if resumed else None
@@ -410,6 +410,12 @@ def run_train_diffusion(cfg: Config) -> Path:
     trainer.finish(metrics, write, "train-diffusion")
     logger.info("train-diffusion done in %.0f s: %s", seconds, layout(cfg).generator)
     return stage_dir
+
+
+def final_lr_ratio(dcfg) -> float:
+    """The lr at the end of training over the set lr: cosine decays to a tenth; constant (DiT's
+    published schedule) keeps the lr after the warm-up."""
+    return 1.0 if dcfg.lr_schedule == "constant" else 0.1
 
 
 def _fused(model) -> dict:

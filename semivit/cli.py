@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from semivit.config.load import load_config
-from semivit.config.reads import Reads
+from semivit.config.reads import EVERYTHING, Reads
+from semivit.config.scaling import check_launch
 from semivit.errors import ConfigError
 from semivit.runtime.command import check_unread, run_cli
 from semivit.runtime.layout import layout
@@ -48,7 +49,13 @@ COMMANDS: dict[str, tuple[str, Reads]] = {
         "label new images (predict.images=FOLDER_OR_LIST) with a classifier folder (checkpoint=FOLDER) into a CSV",
         Reads(("predict", "checkpoint")),
     ),
+    "plan": (
+        "per stage on --processes N: global batch, per-process batch, accumulation, lr, steps, images, time",
+        Reads((EVERYTHING,)),
+    ),
 }
+
+STAGE_SECTIONS = {"pretrain": ("pretrain",), "finetune": ("finetune",), "semi": ("semi",)}
 
 
 ALLOW_UNREAD_HELP = "run even if a key=value override is not read by the command (a warning instead of an error)"
@@ -65,7 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
         s.add_argument("--allow-unread", action="store_true", default=argparse.SUPPRESS, help=ALLOW_UNREAD_HELP)
         s.add_argument("overrides", nargs="*", help="settings as key=value, e.g. output_dir=runs/a data.labels_per_class=10")
+        if name == "plan":
+            add_plan_options(s)
     return p
+
+
+def add_plan_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--processes", type=int, default=1, help="processes (GPUs) of the launch to plan for")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument("--throughput", default=None, help="the throughput benchmark's JSON (default: its committed result)")
+
+
+def print_plan(args, diffusion: bool) -> None:
+    from semivit.stages.plan import format_plan, plan
+
+    cfg = load_config(default_config(args.config), args.overrides)
+    result = plan(cfg, args.processes, diffusion=diffusion, throughput=args.throughput)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
 def run(command: str, cfg):
@@ -104,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def body():
+        if args.command == "plan":
+            return print_plan(args, diffusion=False)
         cfg = load_config(default_config(args.config), args.overrides)
         check_unread("semivit", args.command, args.overrides, COMMANDS[args.command][1], args.allow_unread)
+        check_launch(cfg, STAGE_SECTIONS.get(args.command, ()))
         with run_lock(cfg.run_dir, f"semivit {' '.join(argv)}", f"semivit {args.command}"):
             result = run(args.command, cfg)
         if isinstance(result, Path):

@@ -24,6 +24,7 @@ from semivit.config.schema import Config, to_dict
 from semivit.config.smoke import (
     SMOKE_BATCH,
     SMOKE_GENERATE_PER_CLASS,
+    SMOKE_MAX_ACCUM,
     SMOKE_SAMPLER_STEPS,
     SMOKE_TEST_PER_CLASS,
     SMOKE_UNLABELED_PER_CLASS,
@@ -82,9 +83,9 @@ def test_apply_smoke_keeps_models_resolution_precision_and_files(path):
     assert smoke.model == cfg.model
     kept = {
         "data": ("name", "root", "image_size", "channels", "transforms", "hflip", "randaug_magnitude", "random_erasing"),
-        "pretrain": ("amp", "mask_ratio", "decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "grad_accum"),
-        "finetune": ("amp", "lr", "layer_decay", "mixup", "cutmix", "ema_decay", "grad_accum"),
-        "semi": ("amp", "tau", "lambda_u", "teacher", "ema_decay", "pseudo_mixup", "dist_align", "grad_accum"),
+        "pretrain": ("amp", "mask_ratio", "decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss"),
+        "finetune": ("amp", "lr", "layer_decay", "mixup", "cutmix", "ema_decay"),
+        "semi": ("amp", "tau", "lambda_u", "teacher", "ema_decay", "pseudo_mixup", "dist_align", "lr"),
         "diffusion": (
             "model", "image_size", "patch_size", "hidden_size", "depth", "num_heads", "unet_channels", "vae",
             "labels", "p_uncond", "num_train_timesteps", "beta_schedule", "prediction_type", "amp", "ema_decay",
@@ -96,6 +97,10 @@ def test_apply_smoke_keeps_models_resolution_precision_and_files(path):
     for section, keys in kept.items():
         for key in keys:
             assert getattr(getattr(smoke, section), key) == getattr(getattr(cfg, section), key), f"{section}.{key}"
+    for section in ("pretrain", "finetune", "semi", "diffusion"):  # the accumulation path (a derived one capped)
+        before, after = getattr(cfg, section), getattr(smoke, section)
+        expected = min(before.grad_accum, SMOKE_MAX_ACCUM) if before.global_batch else before.grad_accum
+        assert after.grad_accum == expected and (after.grad_accum > 1) == (before.grad_accum > 1), section
     assert (smoke.seed, smoke.name, smoke.pipeline.judge) == (cfg.seed, cfg.name, cfg.pipeline.judge)
     # never the real run's folder
     assert smoke.output_dir == cfg.output_dir.rstrip("/") + "_smoke"

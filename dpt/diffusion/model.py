@@ -49,6 +49,7 @@ def build_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, sampl
             patch_size=dcfg.patch_size,
             num_embeds_ada_norm=num_classes,  # the label tables get K+1 rows: row K is the null label
         )
+        init_dit(model)
     elif dcfg.model == "unet":
         chans = tuple(int(c) for c in dcfg.unet_channels)
         levels = len(chans)
@@ -80,6 +81,33 @@ def build_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, sampl
         raise DPTError(f"unknown diffusion.model '{dcfg.model}': use dit or unet")
     disable_internal_label_dropout(model)
     return model
+
+
+def init_dit(model: DiTTransformer2DModel) -> None:
+    """DiT's initialisation (Peebles & Xie, ``DiT.initialize_weights``), which diffusers'
+    ``DiTTransformer2DModel`` does not apply: Xavier-uniform linear layers (and patch embedding,
+    seen as a linear map) with zero biases, label tables and timestep MLPs from N(0, 0.02), and
+    adaLN-Zero: every block's adaLN modulation and the final layer (its modulation and its output
+    projection) start at zero, so each block starts as the identity and the model predicts 0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+        proj = model.pos_embed.proj
+        torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        torch.nn.init.zeros_(proj.bias)
+        for block in model.transformer_blocks:
+            emb = block.norm1.emb
+            torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+            torch.nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+            torch.nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+            torch.nn.init.zeros_(block.norm1.linear.weight)  # adaLN-Zero
+            torch.nn.init.zeros_(block.norm1.linear.bias)
+        for final in (model.proj_out_1, model.proj_out_2):  # the final layer's modulation and output
+            torch.nn.init.zeros_(final.weight)
+            torch.nn.init.zeros_(final.bias)
 
 
 def disable_internal_label_dropout(model: torch.nn.Module) -> None:

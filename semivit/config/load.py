@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from semivit.config.scaling import apply_scaling
 from semivit.config.schema import Config, to_dict, validate
 from semivit.errors import ConfigError
 
@@ -112,6 +113,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         _apply(cfg, parse_overrides(overrides))
     _apply(cfg, to_dict(cfg))  # coerce defaults too (5 -> 5.0 for a float), so saved configs compare equal
+    apply_scaling(cfg, strict=False)  # global_batch / blr -> this launch's per-process batch, accumulation and lr
     validate(cfg)
     if cfg.smoke:  # every command sees the shrunk settings, and saves them with its results
         from semivit.config.smoke import apply_smoke

@@ -55,6 +55,9 @@ class DataConfig:
     randaug_magnitude: int = 10
     random_erasing: float = 0.25  # probability; Semi-ViT's value differs by stage in some settings (see configs)
     num_workers: int = 0
+    # the training set's size for `plan` where the data is not at hand (imagefolder); 0: count it
+    train_images: int = 0
+    train_classes: int = 0  # its classes (with train_images)
 
 
 @dataclass
@@ -83,6 +86,12 @@ class PretrainConfig:
     norm_pix_loss: bool = True
     amp: str = "no"  # no | fp16 | bf16
     grad_accum: int = 1
+    # the launch-independent recipe (0: unset, batch_size / grad_accum / lr above are used as given):
+    # global_batch = per-process batch x processes x accumulation; with it set, the per-process
+    # batch and the accumulation are derived from the launch (semivit.config.scaling)
+    global_batch: int = 0
+    blr: float = 0.0  # > 0: lr = blr x global batch / 256 (the originals' rule), replacing lr
+    max_device_batch: int = 0  # > 0: at most this many images per device per micro-batch (memory cap)
 
 
 @dataclass
@@ -101,6 +110,12 @@ class FinetuneConfig:
     clip_grad: float = 0.0
     amp: str = "no"
     grad_accum: int = 1
+    # the launch-independent recipe (0: unset, batch_size / grad_accum / lr above are used as given):
+    # global_batch = per-process batch x processes x accumulation; with it set, the per-process
+    # batch and the accumulation are derived from the launch (semivit.config.scaling)
+    global_batch: int = 0
+    blr: float = 0.0  # > 0: lr = blr x global batch / 256 (the originals' rule), replacing lr
+    max_device_batch: int = 0  # > 0: at most this many images per device per micro-batch (memory cap)
     eval_every: int = 50  # epochs between evaluations on the held-out split (0: only at the end)
 
 
@@ -130,6 +145,12 @@ class SemiConfig:
     clip_grad: float = 0.0
     amp: str = "no"
     grad_accum: int = 1
+    # the launch-independent recipe (0: unset, batch_size / grad_accum / lr above are used as given):
+    # global_batch (labeled images) = per-process batch x processes x accumulation; with it set, the per-process
+    # batch and the accumulation are derived from the launch (semivit.config.scaling)
+    global_batch: int = 0
+    blr: float = 0.0  # > 0: lr = blr x global batch / 256 (the originals' rule), replacing lr
+    max_device_batch: int = 0  # > 0: at most this many images per device per micro-batch (memory cap)
     collapse_min_classes: float = 0.5  # warn when pseudo-labels cover fewer than this share of classes
     stop_on_collapse: bool = False
     stop_on_nonfinite: bool = True
@@ -196,6 +217,15 @@ class DiffusionConfig:
     hflip: bool = False
     amp: str = "no"
     grad_accum: int = 1
+    # the launch-independent recipe (0: unset, batch_size / grad_accum / lr above are used as given):
+    # global_batch = per-process batch x processes x accumulation; with it set, the per-process
+    # batch and the accumulation are derived from the launch (semivit.config.scaling)
+    global_batch: int = 0
+    blr: float = 0.0  # > 0: lr = blr x global batch / 256 (the originals' rule), replacing lr
+    max_device_batch: int = 0  # > 0: at most this many images per device per micro-batch (memory cap)
+    # constant (DiT's published schedule: warm-up, then the lr throughout) | cosine (warm-up, then
+    # cosine decay to a tenth of the lr)
+    lr_schedule: str = "cosine"
     sample_every: int = 0  # steps between sample grids (0: at the end of each 10th epoch)
     checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
 
@@ -265,6 +295,18 @@ class PipelineConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How every training stage runs on its device (not what it learns)."""
+
+    compile: bool = False  # torch.compile the trained model (first steps slower while it compiles)
+    tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls and convolutions
+    pin_memory: bool = True  # CUDA: page-locked loader batches, copied to the device without blocking
+    # optimizer steps between reads of the on-device non-finite flag (one host sync each); the
+    # flag is also read before every checkpoint and at the end, so a bad step is never saved
+    nonfinite_every: int = 50
+
+
+@dataclass
 class Config:
     name: str = "mnist5k"
     output_dir: str = "runs/mnist5k"
@@ -289,6 +331,7 @@ class Config:
     fid: FIDConfig = field(default_factory=FIDConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -446,6 +489,22 @@ _RULES: dict[str, str | tuple] = {
     "retrain.synthetic_per_class": ">= 0",
     "retrain.synthetic_ratio": "[0, 1]",  # (0, 1) unless retrain.synthetic_only: see _check_cross_settings
     "pipeline.judge_epochs": ">= 1",
+    "pretrain.global_batch": ">= 0",
+    "pretrain.blr": ">= 0",
+    "pretrain.max_device_batch": ">= 0",
+    "finetune.global_batch": ">= 0",
+    "finetune.blr": ">= 0",
+    "finetune.max_device_batch": ">= 0",
+    "semi.global_batch": ">= 0",
+    "semi.blr": ">= 0",
+    "semi.max_device_batch": ">= 0",
+    "diffusion.global_batch": ">= 0",
+    "diffusion.blr": ">= 0",
+    "diffusion.max_device_batch": ">= 0",
+    "diffusion.lr_schedule": ("cosine", "constant"),
+    "data.train_images": ">= 0",
+    "data.train_classes": ">= 0",
+    "train.nonfinite_every": ">= 1",
 }
 
 # free-text settings: paths, keywords-or-paths, names; checked where they are used

@@ -9,7 +9,8 @@ What smoke KEEPS (everything that decides whether a run can work):
     diffusion model (dit/unet, width, depth, heads, patch size), MAE's decoder;
   * the resolution and channels: data.image_size, data.channels, diffusion.image_size, the
     augmentation recipe (data.transforms, RandAugment, random erasing, flips, crop padding);
-  * the precision: pretrain/finetune/semi/diffusion .amp, and grad_accum (the accumulation path);
+  * the precision: pretrain/finetune/semi/diffusion .amp, and grad_accum (the accumulation path;
+    one derived from a global batch is capped at SMOKE_MAX_ACCUM) and the lr the launch derived;
   * the user's files: diffusion.vae, fid.inception_weights, fid.classifier, the data set;
   * the method: fid.features, the noise schedule and prediction type, the sampler and guidance
     scale, the EMA settings, mixup/cutmix, pseudo mixup, tau, dist_align, the label count;
@@ -113,6 +114,7 @@ def _shrink_classifier_stages(cfg: Config) -> None:
     for section in (cfg.pretrain, cfg.finetune, cfg.semi):
         section.epochs = 1
         section.batch_size = SMOKE_BATCH
+        _keep_launch_layout(section)
         section.warmup_epochs = min(section.warmup_epochs, SMOKE_WARMUP_EPOCHS)
     cfg.finetune.eval_every = 0
     cfg.semi.eval_every = 0
@@ -124,10 +126,24 @@ def _shrink_classifier_stages(cfg: Config) -> None:
     cfg.pipeline.judge_epochs = 1
 
 
+SMOKE_MAX_ACCUM = 2  # a derived accumulation (a large global batch on one process) runs as 2 micro-batches
+
+
+def _keep_launch_layout(section) -> None:
+    """The lr the launch derived from global_batch / blr stays, and so does the accumulation path
+    (a derived accumulation above SMOKE_MAX_ACCUM runs as SMOKE_MAX_ACCUM micro-batches: a global
+    batch of 512 on one process would otherwise make every smoke step 8 micro-batches); the
+    recipe's global batch is dropped so the smoke batch is not derived again from it."""
+    if section.global_batch > 0:
+        section.grad_accum = min(section.grad_accum, SMOKE_MAX_ACCUM)
+    section.global_batch, section.blr, section.max_device_batch = 0, 0.0, 0
+
+
 def _shrink_diffusion(cfg: Config) -> None:
     dc = cfg.diffusion
     dc.epochs = 1
     dc.batch_size = SMOKE_BATCH
+    _keep_launch_layout(dc)
     dc.warmup_steps = min(dc.warmup_steps, SMOKE_WARMUP_STEPS)
     dc.sample_every = 0  # the sample grid at the end of training (VAE decode included)
     dc.checkpoint_every = 1  # resumable state saved every epoch, as a long run would
@@ -147,7 +163,14 @@ def smoke_overrides(cfg: Config) -> list[str]:
     changes, for its log, or to run the same shrunk pipeline by hand with plain overrides."""
     from semivit.config.schema import to_dict
 
-    return [f"{key}={_yaml_value(value)}" for key, value in _flat_diff(to_dict(cfg), to_dict(apply_smoke(cfg)))]
+    after = to_dict(apply_smoke(cfg))
+    pairs = _flat_diff(to_dict(cfg), after)
+    # a section whose global batch smoke drops keeps its derived lr and accumulation: state them,
+    # or reading the file again would not derive them
+    dropped = {key.split(".")[0] for key, _ in pairs if key.endswith((".global_batch", ".blr"))}
+    pairs += [(f"{sec}.{k}", after[sec][k]) for sec in sorted(dropped) for k in ("lr", "grad_accum")
+              if (f"{sec}.{k}", after[sec][k]) not in pairs]
+    return [f"{key}={_yaml_value(value)}" for key, value in pairs]
 
 
 def _flat_diff(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object]]:

@@ -277,6 +277,21 @@ def load_encoder_weights(model: torch.nn.Module, path: str | Path, strict_head: 
     return report
 
 
+HEAD_INIT_STD = 2e-5  # MAE / Semi-ViT fine-tuning: the new head starts almost at zero
+
+
+def init_head(model: VisionTransformer) -> None:
+    """The fine-tuning head init of MAE and Semi-ViT (``main_finetune.py``): a head that the loaded
+    weights did not provide gets truncated-normal weights of std 2e-5 and a zero bias, so the first
+    steps start from near-uniform predictions instead of timm's random head."""
+    head = getattr(model, "head", None)
+    if isinstance(head, torch.nn.Linear):
+        with torch.no_grad():
+            torch.nn.init.trunc_normal_(head.weight, std=HEAD_INIT_STD, a=-2 * HEAD_INIT_STD, b=2 * HEAD_INIT_STD)
+            if head.bias is not None:
+                head.bias.zero_()
+
+
 # --------------------------------------------------------------------------------------------
 # Classifier folders written by the training stages
 # --------------------------------------------------------------------------------------------

@@ -3,11 +3,14 @@ diffusion model, stage-3 retraining).
 
 A stage hands the :class:`Trainer` its model, optimizer, loaders and a step function that returns
 the losses of one micro-batch; the trainer owns everything else: epochs and optimizer steps,
-gradient accumulation, the non-finite policy, ``stop_after_epoch``, seeded loaders, one random
+gradient accumulation, the non-finite policy (a flag on the device, read every
+``train.nonfinite_every`` optimizer steps and at every epoch's end, so never a host sync per
+micro-batch and never a checkpoint after a non-finite loss), ``stop_after_epoch``, seeded loaders, one random
 stream per rank, resumable checkpoints that are never unpickled, progress bars, the history,
 ``curves.png`` and TensorBoard, and the order in which a finished stage writes its files.
 
-Counting rule: batch sizes are per process. An epoch is one pass over the data by all processes
+Counting rule: batch sizes are per process (a section's ``global_batch`` is turned into them by
+semivit.config.scaling before any stage starts). An epoch is one pass over the data by all processes
 together, so each process takes ``len(data) / (processes x batch)`` micro-batches; an optimizer
 step is ``grad_accum`` micro-batches, and the lr schedule counts optimizer steps.
 """
@@ -31,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from semivit.config.load import save_config
+from semivit.config.scaling import check_launch
 from semivit.config.schema import Config, to_dict
 from semivit.errors import CheckpointError, NonFiniteLoss, StopRequested
 from semivit.files import atomic_write_json, load_weights, save_weights
@@ -166,6 +170,11 @@ def settings_hash(cfg: Config, sections: tuple[str, ...]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def pin_batches(cfg: Config, device: torch.device) -> bool:
+    """Page-locked loader batches where they help: a CUDA device (``train.pin_memory``)."""
+    return bool(cfg.train.pin_memory) and device.type == "cuda"
+
+
 def optimizer_update(accelerator, model, optimizer, scheduler, clip_grad: float = 0.0) -> None:
     """After ``backward``: clip (on the micro-batch that syncs), step, schedule, zero. Inside
     ``accelerator.accumulate`` the optimizer skips the micro-batches that do not sync."""
@@ -201,6 +210,7 @@ class Trainer:
         self.grad_accum, self.clip_grad = max(1, grad_accum), clip_grad
         self.skip_nonfinite, self.nonfinite_hint = skip_nonfinite, nonfinite_hint
         self.settings = settings_hash(cfg, sections)
+        check_launch(cfg, sections)  # a global batch this launch cannot reach stops here, before any work
         self.accelerator = make_accelerator(cfg, self.stage_dir, amp, grad_accum)
         self.state = TrainState()
         self._tracked: dict[str, object] = {}
@@ -208,6 +218,8 @@ class Trainer:
         self.model = self.optimizer = self.scheduler = None
         self.micro_per_epoch = self.updates_per_epoch = 0
         self.history_title = name
+        self.check_every = max(1, cfg.train.nonfinite_every)
+        self._first_bad: torch.Tensor | None = None  # (step, epoch, loss) of the first non-finite loss, on the device
         if self.accelerator.is_main_process:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
@@ -241,12 +253,16 @@ class Trainer:
             num_workers=workers,
             worker_init_fn=seed_worker,
             generator=g,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0,  # workers live across epochs instead of restarting each one
+            pin_memory=pin_batches(self.cfg, self.device),  # page-locked: the copy to the GPU does not block
         )
 
     def prepare(self, model, optimizer, *loaders, micro_steps: int | None = None):
         """Wrap model, optimizer and loaders for the devices and ranks. ``micro_steps``: micro-batches
         per process per epoch (default: the length of the first prepared loader)."""
+        if self.cfg.train.compile:
+            # in place (nn.Module.compile): parameter names, state dicts and the EMA see the same module
+            model.compile()
         model, optimizer, *loaders = self.accelerator.prepare(model, optimizer, *loaders)
         self.model, self.optimizer = model, optimizer
         micro = micro_steps if micro_steps is not None else (len(loaders[0]) if loaders else 1)
@@ -333,26 +349,31 @@ class Trainer:
                 with acc.accumulate(self.model):
                     losses = step(batch)
                     loss = losses["loss"]
-                    if not self._all_finite(loss):
-                        self._nonfinite(loss, epoch)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        count += 1
-                        bar.update(1)
-                        continue
+                    if self.skip_nonfinite:
+                        # skipping a step needs the answer before the update: one host sync per micro-step
+                        if not self._all_finite(loss):
+                            self._nonfinite(loss, epoch)
+                            self.optimizer.zero_grad(set_to_none=True)
+                            count += 1
+                            bar.update(1)
+                            continue
+                    else:
+                        self._flag_nonfinite(loss, epoch)  # on the device; read every nonfinite_every steps
                     acc.backward(loss)
                     optimizer_update(acc, self.model, self.optimizer, self.scheduler, self.clip_grad)
                 if acc.sync_gradients:
                     if on_update is not None:
                         on_update(self.state.step)
                     self.state.step += 1
+                    if self.state.step % self.check_every == 0:
+                        bar.set_postfix(loss=f"{self._check_nonfinite(loss):.4f}")
                 for k, v in losses.items():
                     v = v.detach().float()
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1
                 bar.update(1)
-                if count % 10 == 1:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.close()
+            self._check_nonfinite()  # every epoch, so before every checkpoint and before the stage's files
             self.state.epoch = epoch + 1
             row: dict = {"epoch": self.state.epoch}
             if sums:
@@ -377,6 +398,39 @@ class Trainer:
                         f"{self.name}: stopped after epoch {self.state.epoch} (stop_after_epoch={stop}); run again to resume"
                     )
 
+    def _flag_nonfinite(self, loss: torch.Tensor, epoch: int) -> None:
+        """Remember, on the device and without waiting for it, whether this micro-batch's loss is
+        non-finite, and the (step, epoch, loss) of the first one."""
+        bad = (~torch.isfinite(loss.detach().float())).any()
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.full((3,), -1.0, dtype=torch.float64, device=loss.device)
+        here = torch.stack([
+            torch.full_like(self._first_bad[0], self.state.step), torch.full_like(self._first_bad[0], epoch),
+            loss.detach().to(torch.float64),
+        ])
+        self._first_bad = torch.where(bad & (self._first_bad[0] < 0), here, self._first_bad)
+
+    def _check_nonfinite(self, loss: torch.Tensor | None = None) -> float:
+        """Read the flag (one host sync, all ranks together): a non-finite loss since the last read
+        ends the stage before anything is saved. Returns this micro-batch's loss for the progress bar."""
+        if self._first_bad is None:
+            return float("nan") if loss is None else loss.detach().float().item()
+        vals = [self._first_bad[0] >= 0]
+        if loss is not None:
+            vals.append(loss.detach().to(self._first_bad.dtype))
+        head = torch.stack([v.to(self._first_bad.dtype) for v in vals])
+        bad = head[:1]
+        if self.accelerator.num_processes > 1:  # every rank must stop together
+            bad = self.accelerator.reduce(bad, "sum")
+        read = torch.cat([bad, head[1:], self._first_bad]).tolist()
+        if read[0] > 0:
+            step, epoch, value = read[-3:]
+            if step < 0:
+                raise NonFiniteLoss(f"{self.name}: the loss is non-finite on another process (optimizer step <= "
+                                    f"{self.state.step}){'; ' + self.nonfinite_hint if self.nonfinite_hint else ''}")
+            self._raise_nonfinite(value, int(epoch), int(step))
+        return read[1] if loss is not None else float("nan")
+
     def _all_finite(self, loss: torch.Tensor) -> bool:
         bad = (~torch.isfinite(loss.detach())).any().float()
         if self.accelerator.num_processes > 1:  # every rank must take the same branch
@@ -384,14 +438,18 @@ class Trainer:
         return bool(bad.item() == 0)
 
     def _nonfinite(self, loss: torch.Tensor, epoch: int) -> None:
-        msg = (
-            f"{self.name}: loss is {loss.detach().float().item()} at epoch {epoch + 1}, optimizer step {self.state.step}"
-            f"{'; ' + self.nonfinite_hint if self.nonfinite_hint else ''}"
-        )
         if not self.skip_nonfinite:
-            kept = latest_checkpoint(self.stage_dir)
-            raise NonFiniteLoss(msg + (f" (the last good checkpoint, {kept.name}, is kept)" if kept else ""))
-        logger.warning(msg + "; step skipped")
+            self._raise_nonfinite(loss.detach().float().item(), epoch, self.state.step)
+        logger.warning(self._nonfinite_msg(loss.detach().float().item(), epoch, self.state.step) + "; step skipped")
+
+    def _nonfinite_msg(self, value: float, epoch: int, step: int) -> str:
+        return (f"{self.name}: loss is {value} at epoch {epoch + 1}, optimizer step {step}"
+                f"{'; ' + self.nonfinite_hint if self.nonfinite_hint else ''}")
+
+    def _raise_nonfinite(self, value: float, epoch: int, step: int) -> None:
+        kept = latest_checkpoint(self.stage_dir)
+        raise NonFiniteLoss(self._nonfinite_msg(value, epoch, step)
+                            + (f" (the last good checkpoint, {kept.name}, is kept)" if kept else ""))
 
     # ---- checkpoints -------------------------------------------------------------------------
 

@@ -17,9 +17,16 @@ from semivit.config.schema import Config
 from semivit.data.split import save_label_split
 from semivit.data.views import ViewDataset
 from semivit.errors import DataError
-from semivit.models.classifier import classifier_meta, create_classifier, load_encoder_weights, save_classifier
+from semivit.models.classifier import (
+    classifier_meta,
+    create_classifier,
+    init_head,
+    load_encoder_weights,
+    save_classifier,
+)
+from semivit.runtime.accelerator import use_cpu
 from semivit.runtime.layout import LABEL_SPLIT, layout
-from semivit.runtime.loop import seed_worker
+from semivit.runtime.loop import pin_batches, seed_worker
 from semivit.stages.class_checks import check_classifier_classes
 
 logger = logging.getLogger("semivit")
@@ -44,6 +51,8 @@ def build_classifier(cfg: Config, bundle, init: str | None, strict_head: bool = 
         # a classifier folder's head rows mean its classes: they must be the data's, in order
         check_classifier_classes(init, bundle.classes, cfg.data, "model.init / checkpoint", "start from a classifier of this data set")
         report = load_encoder_weights(model, init, strict_head=strict_head)
+        if any(k.startswith("head.") for k in report.missing):  # a new head (MAE weights): MAE's head init
+            init_head(model)
         logger.info("init: %s", report.summary())
     else:
         logger.info("init: random")
@@ -94,6 +103,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, cfg: Config, drop_last:
         worker_init_fn=seed_worker,
         generator=g,
         persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=pin_batches(cfg, torch.device("cpu" if use_cpu() else "cuda")),
     )
 
 

@@ -97,6 +97,7 @@ def run_finetune(
         loaders = labeled_loaders(trainer, bundle, idx, tf["train"], fc.batch_size, extra, extra_ratio)
 
     model = build_classifier(cfg, bundle, resolve_init(cfg, init))
+    model.to(trainer.device)  # the optimizer is built on the device (fused AdamW on CUDA)
     ema = make_ema(model, fc.ema_decay, warmup=True)
     opt = make_optimizer(model, fc.lr, fc.weight_decay, fc.layer_decay)
     if extra is None:

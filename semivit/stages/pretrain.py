@@ -68,8 +68,9 @@ def run_pretrain(cfg: Config) -> Path:
     # MAE's only augmentation: random translation (small images) or random resized crop (ImageNet)
     dataset = ViewDataset(bundle.train, np.arange(len(bundle.train)), tf["pretrain"])
     loader = trainer.loader(dataset, pc.batch_size, shuffle=True)
-    mae = create_mae(cfg.model, pc, cfg.data.image_size, bundle.channels)
-    opt = create_optimizer_v2(mae, "adamw", lr=pc.lr, weight_decay=pc.weight_decay, betas=(0.9, 0.95))
+    mae = create_mae(cfg.model, pc, cfg.data.image_size, bundle.channels).to(trainer.device)
+    fused = {"fused": True} if trainer.device.type == "cuda" else {}  # one kernel per group, built on the device
+    opt = create_optimizer_v2(mae, "adamw", lr=pc.lr, weight_decay=pc.weight_decay, betas=(0.9, 0.95), **fused)
     mae, loader = trainer.prepare(mae, opt, loader)
     trainer.schedule(pc.epochs, int(pc.warmup_epochs * trainer.updates_per_epoch), pc.min_lr / pc.lr)
     trainer.resume()

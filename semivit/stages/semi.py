@@ -22,8 +22,8 @@ from semivit.data.run_split import run_split
 from semivit.data.sources import ImageSource, build_data
 from semivit.data.views import TwoViewDataset, build_transforms
 from semivit.errors import PseudoLabelCollapse
-from semivit.models.classifier import resolve_weights_file
-from semivit.runtime.layout import layout
+from semivit.models.classifier import load_encoder_weights, resolve_weights_file
+from semivit.runtime.layout import EMA_WEIGHTS, WEIGHTS, layout
 from semivit.runtime.loop import Trainer
 from semivit.stages.common import (
     build_classifier,
@@ -47,16 +47,29 @@ from semivit.stages.ssl import (
 logger = logging.getLogger("semivit")
 
 
-def resolve_semi_init(cfg: Config, init: str | None) -> Path:
-    """``init`` argument, else the ``checkpoint`` setting, else this run's fine-tuned classifier;
-    a classifier folder gives its EMA weights (student and teacher both start from them)."""
+def semi_start_files(cfg: Config, init: str | None) -> tuple[Path, Path]:
+    """(student, teacher) weights as Semi-ViT starts them (``main_semi.py --super_finetune``): the
+    student from the fine-tuned model's own weights, the teacher from its EMA. A single weights
+    file, or a folder with only one of the two, starts both from the same weights."""
     src = Path(init or cfg.checkpoint or layout(cfg).finetune)
     if not src.exists():
         raise FileNotFoundError(
             f"semi starts from a fine-tuned classifier, but '{src}' does not exist: run `semivit finetune` "
             "with the same output_dir first, or set checkpoint=FOLDER_OR_WEIGHTS_FILE"
         )
-    return resolve_weights_file(src)
+    if src.is_dir() and (src / WEIGHTS).is_file() and (src / EMA_WEIGHTS).is_file():
+        return src / WEIGHTS, src / EMA_WEIGHTS
+    file = resolve_weights_file(src)
+    return file, file
+
+
+def build_student_teacher(cfg: Config, bundle, student_file: Path, teacher_file: Path):
+    """The student (the trained model) and its EMA teacher, each from its own weights file."""
+    model = build_classifier(cfg, bundle, str(student_file), strict_head=True)
+    ema = make_ema(model, cfg.semi.ema_decay)
+    if teacher_file != student_file:
+        load_encoder_weights(ema.module, teacher_file, strict_head=True)
+    return model, ema
 
 
 def pseudo_label_stats(conf_mask: torch.Tensor, hard: torch.Tensor, true: torch.Tensor, num_classes: int) -> dict:
@@ -91,7 +104,7 @@ def run_semi(
 ) -> Path:
     sc = cfg.semi
     stage_dir = Path(out_dir) if out_dir else layout(cfg).semi
-    init_file = resolve_semi_init(cfg, init)
+    student_file, init_file = semi_start_files(cfg, init)
     trainer = Trainer(
         cfg,
         name,
@@ -112,8 +125,8 @@ def run_semi(
     unl_ds = TwoViewDataset(bundle.train, split.unlabeled, tf["weak"], tf["strong"])
     unl_loader = trainer.loader(unl_ds, sc.mu * sc.batch_size, shuffle=True)
 
-    model = build_classifier(cfg, bundle, str(init_file), strict_head=True)
-    ema = make_ema(model, sc.ema_decay)  # the teacher starts equal to the student
+    model, ema = build_student_teacher(cfg, bundle, student_file, init_file)
+    model.to(trainer.device)  # the optimizer is built on the device (fused AdamW on CUDA)
     opt = make_optimizer(model, sc.lr, sc.weight_decay, sc.layer_decay)
     # an epoch: one pass over the unlabeled set (or semi.steps_per_epoch batches), shared by the ranks
     global_steps = sc.steps_per_epoch or len(unl_loader)
@@ -197,6 +210,7 @@ def run_semi(
         "per_class_acc_ema": final["per_class_acc_ema"],
         "teacher": sc.teacher,
         "init": str(init_file),
+        "init_student": str(student_file),
         "epochs": sc.epochs,
         "seconds": round(trainer.seconds, 1),
     }

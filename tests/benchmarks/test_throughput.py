@@ -43,6 +43,8 @@ def test_small_run_rows_and_numbers(small_run):
     assert set(rows) == {
         "vit_finetune", "semivit_step", "mae_pretrain", "dit_train", "dit_sample", "ditpipeline_sample",
         "pseudo_mixup_224px", "pseudo_mixup_28px",
+        # row g: the Trainer's hot path one change at a time (CUDA-only changes and compile not on a CPU)
+        "loop_sync_every_step", "loop_flag_every_50", "loop_adamw_for_loop", "loop_adamw_foreach", "loop_adamw_fused",
     }
     for r in result["rows"]:
         assert r["name"] in stdout  # the printed table has every row
