@@ -46,6 +46,15 @@ _ADDED_OFF = {
     ("data", "unlabeled", ""): ("unlabeled",),
     ("data", "val_csv", ""): ("val_csv",),
     ("data", "skip_unreadable", False): ("skip_unreadable",),
+    ("data", "train_images", 0): ("train_images", "train_classes"),
+    ("model", "stem", "auto"): ("stem",),
+    ("pretrain", "global_batch", 0): ("global_batch", "blr", "max_device_batch"),
+    ("finetune", "global_batch", 0): ("global_batch", "blr", "max_device_batch"),
+    ("semi", "global_batch", 0): ("global_batch", "blr", "max_device_batch"),
+    ("diffusion", "global_batch", 0): ("global_batch", "blr", "max_device_batch"),
+    ("diffusion", "latent_dtype", "float32"): ("latent_dtype",),
+    ("diffusion", "lr_schedule", "cosine"): ("lr_schedule",),
+    ("diffusion", "init", "diffusers"): ("init",),  # the only initialisation before the setting existed
 }
 
 

@@ -49,7 +49,8 @@ def build_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, sampl
             patch_size=dcfg.patch_size,
             num_embeds_ada_norm=num_classes,  # the label tables get K+1 rows: row K is the null label
         )
-        init_dit(model)
+        if dcfg.init == "dit":
+            init_dit(model)
     elif dcfg.model == "unet":
         chans = tuple(int(c) for c in dcfg.unet_channels)
         levels = len(chans)

@@ -226,6 +226,10 @@ class DiffusionConfig:
     # constant (DiT's published schedule: warm-up, then the lr throughout) | cosine (warm-up, then
     # cosine decay to a tenth of the lr)
     lr_schedule: str = "cosine"
+    # dit: DiT's published initialisation (adaLN-Zero: every block's modulation and the final layer
+    # start at zero, Xavier-uniform linear layers); diffusers: DiTTransformer2DModel's own (PyTorch's
+    # defaults), which the MNIST-5k results in docs/results.md were measured with
+    init: str = "dit"
     sample_every: int = 0  # steps between sample grids (0: at the end of each 10th epoch)
     checkpoint_every: int = 1  # epochs between resumable checkpoints (0: none)
 
@@ -502,6 +506,7 @@ _RULES: dict[str, str | tuple] = {
     "diffusion.blr": ">= 0",
     "diffusion.max_device_batch": ">= 0",
     "diffusion.lr_schedule": ("cosine", "constant"),
+    "diffusion.init": ("dit", "diffusers"),
     "data.train_images": ">= 0",
     "data.train_classes": ">= 0",
     "train.nonfinite_every": ">= 1",
