@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ from semivit.models.classifier import load_classifier, read_classifier_meta
 from semivit.runtime.accelerator import make_accelerator
 from semivit.runtime.layout import META, layout
 from semivit.stages.common import make_loader
-from semivit.stages.evaluate import predict
 
 logger = logging.getLogger("semivit")
 
@@ -66,26 +66,43 @@ def run_predict(cfg: Config) -> Path:
     out = predictions_path(cfg, folder)
     accelerator = make_accelerator(cfg, out.parent)
     model, _ = load_classifier(folder, prefer_ema=cfg.predict.use_ema)
-    loader = make_loader(ViewDataset(source, np.arange(len(source)), tf), cfg.predict.batch_size, False, cfg, drop_last=False)
-    model, loader = accelerator.prepare(model, loader)
-    logits, _, index = predict(model, loader, accelerator, "predict")
-    order = index.argsort()  # listing order; gather_for_metrics already dropped the padding repeats
-    probs = logits[order].softmax(dim=1)
-    index = index[order]
+    model = model.to(accelerator.device).eval()
+    # each rank labels one contiguous share into its own part file; rank 0 joins the parts in order,
+    # so no rank holds the probabilities of every image
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = np.array_split(np.arange(len(source)), world)[rank]
+    loader = make_loader(ViewDataset(source, share, tf), cfg.predict.batch_size, False, cfg, drop_last=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    label_share(model, loader, accelerator, source.paths, classes, part_path(out, rank, world))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_predictions(out, source.paths, index, probs, classes)
-        logger.info("predict: %d images labeled by '%s' -> %s", len(index), folder, out)
+        parts = [part_path(out, r, world) for r in range(world)]
+        with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+            f.write(",".join(COLUMNS) + "\n")
+            for part in parts:
+                with open(part, newline="") as src:
+                    shutil.copyfileobj(src, f)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        logger.info("predict: %d images labeled by '%s' -> %s", len(source), folder, out)
     accelerator.wait_for_everyone()
     return out
 
 
-def write_predictions(path: Path, paths: list[str], index: torch.Tensor, probs: torch.Tensor, classes: list[str]) -> None:
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f".{out.stem}.part{rank}of{world}.csv")
+
+
+@torch.no_grad()
+def label_share(model, loader, accelerator, paths: list[str], classes: list[str], part: Path) -> None:
+    """This rank's rows (path, class, confidence, top-5 as ``name:p;...``), written batch by batch."""
     k = min(5, len(classes))
-    top_p, top_c = probs.topk(k, dim=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(part) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for i, ps, cs in zip(index.tolist(), top_p.tolist(), top_c.tolist(), strict=True):
-            top5 = ";".join(f"{classes[c]}:{p:.4f}" for p, c in zip(ps, cs, strict=True))
-            w.writerow([paths[i], classes[cs[0]], f"{ps[0]:.4f}", top5])
+        for images, _, index in loader:
+            with accelerator.autocast():
+                logits = model(images.to(accelerator.device, non_blocking=True))
+            top_p, top_c = logits.float().softmax(dim=1).topk(k, dim=1)
+            for i, ps, cs in zip(index.tolist(), top_p.cpu().tolist(), top_c.cpu().tolist(), strict=True):
+                top5 = ";".join(f"{classes[c]}:{p:.4f}" for p, c in zip(ps, cs, strict=True))
+                w.writerow([paths[i], classes[cs[0]], f"{ps[0]:.4f}", top5])
