@@ -17,6 +17,12 @@ itself (the same computation: same settings, seed and data order). With --mixup,
 classifier trained on the K synthetic images per class alone is set against the same classifier on
 K real unlabeled images per class with their true labels (Classification Accuracy Score).
 
+With --generators, the synthetic source is made by each named generator (GENERATORS below) from
+the same stage-1 model and pseudo-labels: the first trains in the run folder, each other one in a
+sibling folder OUT/l<L>_seed<S>_gen-<name> that shares the run's stage-1 files (hard links), and its
+cells are named `<mode>/synthetic@<name>`. Each generator's judge class accuracy, texture measures
+(dpt.quality) and stage-2/generation seconds go into the row.
+
 Every top-1 is the final model (EMA where the stage keeps one) on the 1000 test images; nothing is
 selected on them. Every run's row accumulates in OUT/l<L>_seed<S>/bench/row.json (a cell already
 done is read back; OUT: runs/bench/mechanisms_mnist/), the table is printed, and the rows of every
@@ -33,15 +39,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 from pathlib import Path
 
 from benchmarks.record import result_dir, run_dir, write_result
 from semivit.config.load import load_config
 from semivit.files import atomic_write_json, pyplot, read_json
-from semivit.runtime.layout import METRICS, RunLayout
+from semivit.runtime.layout import METRICS, RELATIVE, RunLayout
 
 SOURCES = ("none", "pseudo-real", "synthetic", "synthetic-f")
+
+# Generators of the synthetic source, by name (--generators): the settings each one sets.
+_DIT = ["diffusion.model=dit", "diffusion.patch_size=4", "diffusion.hidden_size=128", "diffusion.depth=4",
+        "diffusion.num_heads=4", "diffusion.init=diffusers", "generate.guidance_scale=2.0"]
+_UNET = ["diffusion.model=unet", "diffusion.unet_channels=[16,32,64]", "diffusion.unet_layers_per_block=1",
+         "diffusion.unet_attention_levels=1", "generate.guidance_scale=1.5"]
+GENERATORS = {
+    "dit": _DIT,  # the pixel DiT of the MNIST-5k config before the UNet (16 epochs, ~2,000 steps), guidance 2
+    "unet": _UNET,  # the small UNet of configs/mnist5k.yaml, guidance 1.5
+    "unet-2x": [*_UNET, "diffusion.epochs=32"],  # one point further along the compute curve
+}
 MODE_INIT = {"probe": "stage0", "supervised": "stage0", "semi": "stage1"}
 
 
@@ -54,16 +73,77 @@ def base_config(args, labels: int, seed: int, run: Path, *extra: str):
     return load_config(
         args.config,
         [
-            f"output_dir={run}", f"seed={seed}", f"data.labels_per_class={labels}", f"model.init={args.encoder}",
+            f"output_dir={run}", f"seed={seed}", f"data.labels_per_class={labels}",
+            *([f"model.init={args.encoder}"] if args.encoder else []),
             "pipeline.judge=false", f"generate.num_per_class={args.pool}", *args.overrides, *extra,
         ],
     )
 
 
+def _link(src: Path, dst: Path) -> None:
+    """Hard links of a file or folder (mtimes included); nothing when ``dst`` exists or ``src`` does not."""
+    if dst.exists() or not src.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=os.link)
+    else:
+        os.link(src, dst)
+
+
+def link_run(source: Path, run: Path) -> None:
+    """--from-run: a finished pipeline run's stages (0, 1, judge, 2) as the benchmark run's own. The
+    pipeline skips every stage whose settings are the same; the state file is copied (it is rewritten)."""
+    if not (source / "pipeline.json").is_file():
+        raise SystemExit(f"--from-run {source}: no pipeline.json (a folder written by `python -m dpt run`)")
+    run.mkdir(parents=True, exist_ok=True)
+    lay = RELATIVE
+    for rel, done in ((lay.stage0, METRICS), (lay.stage1, "pseudo_labels.json"), (lay.judge, METRICS),
+                      (lay.stage2, METRICS), (lay.synthetic, METRICS), (lay.stage3, METRICS),
+                      (Path("label_split.csv"), ""), (Path("label_split.json"), "")):
+        if not done or (source / rel / done).is_file():  # a stage still running there is not linked
+            _link(source / rel, run / rel)
+    if not (run / "pipeline.json").exists():
+        shutil.copy2(source / "pipeline.json", run / "pipeline.json")
+
+
+def generator_run(args, labels: int, seed: int, run: Path, name: str):
+    """The config and folder in which generator ``name`` trains and generates from the stage-1 files
+    of ``run``: the run folder itself for the first of --generators, a sibling folder otherwise."""
+    if name == args.generators[0]:
+        return base_config(args, labels, seed, run, *GENERATORS[name]), run
+    other = run.parent / f"{run.name}_gen-{name}"
+    lay = RunLayout(run)
+    other.mkdir(parents=True, exist_ok=True)
+    if not (other / "pipeline.json").exists():
+        shutil.copy2(run / "pipeline.json", other / "pipeline.json")
+    for path in (run / "label_split.csv", run / "label_split.json", lay.stage0, lay.finetune, lay.semi,
+                 lay.pseudo_labels_csv, lay.pseudo_labels_json):
+        _link(path, other / path.relative_to(run))  # the same files, mtimes included
+    return base_config(args, labels, seed, other, *GENERATORS[name]), other
+
+
+def generator_facts(args, cfg, gen_run: Path) -> dict:
+    """Judge class accuracy, texture measures and seconds of the synthetic set of one generator."""
+    from dpt.quality import synthetic_vs_real
+    from dpt.state import stage_seconds
+    from semivit.data.sources import build_data
+
+    seconds = stage_seconds(cfg)
+    tex = synthetic_vs_real(RunLayout(gen_run).synthetic, build_data(cfg.data).test)
+    return {
+        "synthetic_class_acc": judge_class_acc(cfg, args.judge),
+        "train_diffusion_seconds": seconds.get("train-diffusion"),
+        "generate_seconds": seconds.get("generate"),
+        "texture": tex["synthetic"],
+        "texture_real": tex["real"],
+    }
+
+
 def cell_overrides(mode: str, source: str, args) -> list[str]:
     src = "synthetic" if source.startswith("synthetic") else source
     out = [f"retrain.mode={mode}", f"retrain.source={src}", f"retrain.init={MODE_INIT[mode]}"]
-    if src != "none":
+    if src == "pseudo-real" or (src == "synthetic" and args.k != args.pool):  # else every generated image
         out.append(f"retrain.synthetic_per_class={args.k}")
     if source == "synthetic-f":
         out.append(f"retrain.filter_conf={args.filter}")
@@ -86,7 +166,10 @@ def bench_run(args, labels: int, seed: int) -> dict:
     from semivit.stages.semi import run_semi
 
     run = Path(args.out) / f"l{labels}_seed{seed}"
-    cfg = base_config(args, labels, seed, run)
+    if args.from_run:
+        link_run(Path(args.from_run.format(seed=seed)), run)
+    gens = args.generators
+    cfg = base_config(args, labels, seed, run, *(GENERATORS[gens[0]] if gens else []))
     run_pipeline(cfg, until="generate")
     lay = RunLayout(run)
     cached = read_json(run / "bench" / "row.json") if (run / "bench" / "row.json").is_file() else {}
@@ -97,6 +180,8 @@ def bench_run(args, labels: int, seed: int) -> dict:
         cached["synthetic_class_acc"] = judge_class_acc(cfg, args.judge)
     row["synthetic_class_acc"] = cached.get("synthetic_class_acc")
     cells = dict(cached.get("cells", {}))
+    if gens:
+        return generator_cells(args, labels, seed, run, row, cells)
     for mode in [] if args.only_mixup else args.modes:
         for source in SOURCES:
             key = f"{mode}/{source}"
@@ -156,6 +241,64 @@ def bench_run(args, labels: int, seed: int) -> dict:
     return row
 
 
+def _is_stage3(cfg, run: Path) -> bool:
+    """Whether ``run`` holds a finished stage 3 made with the settings of ``cfg`` (a --from-run run)."""
+    from dpt.pipeline import STAGES, _recorded_fingerprint, fingerprint
+    from dpt.state import _load_state
+
+    stage = next(s for s in STAGES if s.name == "retrain")
+    done = _recorded_fingerprint(cfg, stage, _load_state(cfg).get("retrain", {}))
+    return (RunLayout(run).stage3 / METRICS).is_file() and done == fingerprint(cfg, stage)
+
+
+def generator_cells(args, labels: int, seed: int, run: Path, row: dict, cells: dict) -> dict:
+    """The cells of a --generators run: K = 0 and pseudo-real once, the synthetic source per generator.
+    Order: each generator and its probe cells, then each generator's semi cell, then the (costly) semi
+    controls, so an interrupted benchmark has the generators' cells first."""
+    from dpt.pipeline import run_pipeline
+    from dpt.retrain import run_retrain
+
+    facts = dict(row.get("generators", {}))
+    runs = {}
+    for name in args.generators:
+        gcfg, runs[name] = generator_run(args, labels, seed, run, name)
+        run_pipeline(gcfg, until="generate")
+        if name not in facts:
+            facts[name] = generator_facts(args, gcfg, runs[name])
+            row["generators"] = facts
+            _save(run, row, cells)
+        if seed == min(args.seeds):  # one grid per generator and label count, for the eye
+            grid = Path(args.results) / f"{args.name}_grid_{name}_l{labels}_seed{seed}.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(RunLayout(runs[name]).synthetic / "grid.png", grid)
+    first = args.generators[0]
+    todo = [(first, m, src) for m in args.modes if m != "semi" for src in ("none", "pseudo-real")]
+    todo += [(g, m, "synthetic") for g in args.generators for m in args.modes if m != "semi"]
+    if "semi" in args.modes and labels in args.semi_labels:
+        todo += [(g, "semi", "synthetic") for g in args.generators if "synthetic" in args.semi_sources]
+        todo += [(first, "semi", src) for src in ("none", "pseudo-real") if src in args.semi_sources]
+    for name, mode, source in todo:
+        key = f"{mode}/{source}" + (f"@{name}" if source == "synthetic" else "")
+        if key in cells:
+            continue
+        out = run / "bench" / key.replace("/", "_")
+        if mode == "semi" and args.from_run and name == first:  # its stage 3 may have finished meanwhile
+            link_run(Path(args.from_run.format(seed=seed)), run)
+        ccfg = base_config(args, labels, seed, runs[name], *GENERATORS[name], *cell_overrides(mode, source, args))
+        if not (out / METRICS).is_file() and _is_stage3(ccfg, runs[name]):
+            out = RunLayout(runs[name]).stage3  # the run's own stage 3 is this computation
+        if not (out / METRICS).is_file():
+            run_retrain(ccfg, out_dir=out)
+        cells[key] = top1(out)
+        if source == "pseudo-real":
+            row.setdefault("pseudo_real_label_acc", read_json(out / METRICS).get("extra_label_acc"))
+        _save(run, row, cells)
+    row["generators"] = facts
+    row["cells"] = cells
+    _save(run, row, cells)
+    return row
+
+
 def _save(run: Path, row: dict, cells: dict) -> None:
     atomic_write_json(run / "bench" / "row.json", {**row, "cells": cells})
 
@@ -178,10 +321,11 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
-def level(values: list[float]) -> str:
+def level(values: list[float], digits: int = 2) -> str:
     if not values:
         return "-"
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}" + sd
 
 
 def table(rows: list[dict], modes: list[str]) -> str:
@@ -231,16 +375,56 @@ def table(rows: list[dict], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], modes: list[str], path: Path) -> None:
+def generator_table(rows: list[dict], modes: list[str], gens: list[str]) -> str:
+    """Paired differences per generator (cells ``<mode>/synthetic@<name>``) and each generator's images."""
+    label_counts = sorted({r["labels"] for r in rows})
+    head = "| mode | labels/class | seeds | K = 0, top-1 % | pseudo-real − K=0 |"
+    for g in gens:
+        head += f" {g} − K=0 | {g} − pseudo-real |"
+    lines = [head, "|" + "---|" * (5 + 2 * len(gens))]
+    for mode in modes:
+        for L in label_counts:
+            base = f"{mode}/none"
+            k0 = [r["cells"][base] for r in rows if r["labels"] == L and r["cells"].get(base) is not None]
+            if not k0:
+                continue
+            line = f"| {mode} | {L} | {len(k0)} | {level(k0)} | {fmt(paired(rows, L, f'{mode}/pseudo-real', base))} |"
+            for g in gens:
+                key = f"{mode}/synthetic@{g}"
+                line += f" {fmt(paired(rows, L, key, base))} | {fmt(paired(rows, L, key, f'{mode}/pseudo-real'))} |"
+            lines.append(line)
+    lines += ["", "| generator | labels/class | seeds | class acc (judge) % | isolated px % | pieces per digit | total variation | stage-2 + generation s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for g in gens:
+        for L in label_counts:
+            facts = [r["generators"][g] for r in rows if r["labels"] == L and g in r.get("generators", {})]
+            if not facts:
+                continue
+            secs = [(f["train_diffusion_seconds"] or 0) + (f["generate_seconds"] or 0) for f in facts]
+            lines.append(
+                f"| {g} | {L} | {len(facts)} | {level([f['synthetic_class_acc'] for f in facts if f['synthetic_class_acc'] is not None])} | "
+                f"{level([100 * f['texture']['isolated_pixel_rate'] for f in facts], 3)} | "
+                f"{level([f['texture']['fragments'] for f in facts])} | "
+                f"{level([f['texture']['total_variation'] for f in facts], 3)} | {level(secs, 0)} |")
+    real = next((r["generators"][g]["texture_real"] for r in rows for g in gens if g in r.get("generators", {})), None)
+    if real:
+        lines.append(f"| real test digits | | | | {100 * real['isolated_pixel_rate']:.3f} | {real['fragments']:.2f} | "
+                     f"{real['total_variation']:.3f} | |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], modes: list[str], path: Path, gens: list[str] = ()) -> None:
     plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     modes = [m for m in modes if any(r["cells"].get(f"{m}/none") is not None for r in rows)]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False, sharey=False)
-    colors = {"pseudo-real": "tab:blue", "synthetic": "tab:orange", "synthetic-f": "tab:green"}
+    sources = ["pseudo-real", *(f"synthetic@{g}" for g in gens)] if gens else ["pseudo-real", "synthetic", "synthetic-f"]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    colors = dict(zip(sources, palette, strict=False))
     for ax, mode in zip(axes[0], modes, strict=True):
         label_counts = sorted({r["labels"] for r in rows})
-        for k, source in enumerate(("pseudo-real", "synthetic", "synthetic-f")):
+        for k, source in enumerate(sources):
             pts = [(L, paired(rows, L, f"{mode}/{source}", f"{mode}/none")) for L in label_counts]
             pts = [(L, d) for L, d in pts if d]
             if not pts:
@@ -274,25 +458,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=["probe", "supervised"], choices=list(MODE_INIT))
     p.add_argument("--semi-labels", type=int, nargs="*", default=[2], help="label counts that run the (costly) semi mode")
+    p.add_argument("--semi-sources", nargs="*", default=list(SOURCES[:3]), choices=list(SOURCES[:3]),
+                   help="--generators runs: the sources the (costly) semi mode runs (default: all three)")
     p.add_argument("--k", type=int, default=100, help="extra images per class")
     p.add_argument("--pool", type=int, default=200, help="synthetic images generated per class (the filter's pool)")
     p.add_argument("--filter", type=float, default=0.9, help="retrain.filter_conf of the synthetic-f source")
     p.add_argument("--filtered-modes", nargs="*", default=["probe"], choices=list(MODE_INIT),
                    help="modes that also run the synthetic-f source (default: probe)")
     p.add_argument("--encoder", default="", help="stage-0 MAE encoder shared by every run (model.init); needed unless --report-only")
+    p.add_argument("--from-run", default="", help="a finished pipeline run per seed (`{seed}` in the path) whose "
+                   "stages are the benchmark run's own: stage 0 is that run's (no --encoder), stages 1-2 and the "
+                   "generator are reused where their settings are the same")
     p.add_argument("--judge", default="", help="classifier folder trained on all true labels (synthetic class accuracy)")
     p.add_argument("--mixup", type=int, nargs="*", default=[], help="label counts that also run Semi-ViT with pseudo mixup")
     p.add_argument("--cas", type=int, nargs="*", default=[], help="label counts that measure CAS")
     p.add_argument("--cas-modes", nargs="*", default=["probe", "supervised"])
     p.add_argument("--cas-epochs", type=int, default=30, help="finetune.epochs of the supervised CAS classifiers")
     p.add_argument("--only-mixup", action="store_true", help="only the pseudo mixup runs (--mixup), no stage-3 cells")
+    p.add_argument("--generators", nargs="*", default=[], choices=list(GENERATORS),
+                   help="generators of the synthetic source, compared on the same stage-1 models (default: the config's)")
+    p.add_argument("--name", default="mechanisms", help="file name of the JSON and plot in RESULTS")
     p.add_argument("--report-only", action="store_true", help="the table, JSON and plot from the rows already in OUT")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. semi.dist_align=uniform)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    results = Path(args.results) / "mechanisms.json"
-    if not args.report_only and not args.encoder:
-        p.error("--encoder is needed to run stages (e.g. runs/mnist5k_seed0/stage0/encoder.safetensors)")
+    results = Path(args.results) / f"{args.name}.json"
+    if not args.report_only and not (args.encoder or args.from_run):
+        p.error("--encoder (or --from-run) is needed to run stages (e.g. runs/mnist5k_seed0/stage0/encoder.safetensors)")
     if not args.report_only:
         for seed in args.seeds:  # a whole seed at a time: the paired table fills in evenly
             for L in args.labels:
@@ -305,9 +497,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [merged[k] for k in sorted(merged)]
     write_result(results, rows, argv=None if argv is None else [__file__, *argv])
     modes = list(dict.fromkeys([*args.modes, *MODE_INIT]))
-    print(table(rows, modes))
-    png = results.parent / "mechanisms.png"
-    plot(rows, modes, png)
+    gens = list(dict.fromkeys([*args.generators, *(g for r in rows for g in r.get("generators", {}))]))
+    print(generator_table(rows, modes, gens) if gens else table(rows, modes))
+    png = results.with_suffix(".png")
+    plot(rows, modes, png, gens)
     print(f"\nplot: {png}\nresults: {results}")
     print(json.dumps({"config": args.config, "overrides": args.overrides, "k": args.k, "filter": args.filter}, indent=None))
 
