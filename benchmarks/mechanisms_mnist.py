@@ -328,21 +328,26 @@ def level(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f}" + sd
 
 
+def controls(rows: list[dict], modes: list[str]):
+    """(mode, labels, K = 0 cell name, its top-1 per seed) for each mode and label count that has K = 0."""
+    for mode in modes:
+        for L in sorted({r["labels"] for r in rows}):
+            base = f"{mode}/none"
+            k0 = [r["cells"][base] for r in rows if r["labels"] == L and r["cells"].get(base) is not None]
+            if k0:
+                yield mode, L, base, k0
+
+
 def table(rows: list[dict], modes: list[str]) -> str:
     label_counts = sorted({r["labels"] for r in rows})
     lines = ["| mode | labels/class | seeds | K = 0, top-1 % | pseudo-real − K=0 | synthetic − K=0 | synthetic-f − K=0 | synthetic − pseudo-real |",
              "|---|---|---|---|---|---|---|---|"]
-    for mode in modes:
-        for L in label_counts:
-            base = f"{mode}/none"
-            k0 = [r["cells"][base] for r in rows if r["labels"] == L and r["cells"].get(base) is not None]
-            if not k0:
-                continue
-            lines.append(
-                f"| {mode} | {L} | {len(k0)} | {level(k0)} | {fmt(paired(rows, L, f'{mode}/pseudo-real', base))} | "
-                f"{fmt(paired(rows, L, f'{mode}/synthetic', base))} | {fmt(paired(rows, L, f'{mode}/synthetic-f', base))} | "
-                f"{fmt(paired(rows, L, f'{mode}/synthetic', f'{mode}/pseudo-real'))} |"
-            )
+    for mode, L, base, k0 in controls(rows, modes):
+        lines.append(
+            f"| {mode} | {L} | {len(k0)} | {level(k0)} | {fmt(paired(rows, L, f'{mode}/pseudo-real', base))} | "
+            f"{fmt(paired(rows, L, f'{mode}/synthetic', base))} | {fmt(paired(rows, L, f'{mode}/synthetic-f', base))} | "
+            f"{fmt(paired(rows, L, f'{mode}/synthetic', f'{mode}/pseudo-real'))} |"
+        )
     lines += ["", "| labels/class | seeds | supervised (1a) | Semi-ViT (1b) | pseudo-label acc | synthetic class acc (judge) |",
               "|---|---|---|---|---|---|"]
     for L in label_counts:
@@ -382,17 +387,12 @@ def generator_table(rows: list[dict], modes: list[str], gens: list[str]) -> str:
     for g in gens:
         head += f" {g} − K=0 | {g} − pseudo-real |"
     lines = [head, "|" + "---|" * (5 + 2 * len(gens))]
-    for mode in modes:
-        for L in label_counts:
-            base = f"{mode}/none"
-            k0 = [r["cells"][base] for r in rows if r["labels"] == L and r["cells"].get(base) is not None]
-            if not k0:
-                continue
-            line = f"| {mode} | {L} | {len(k0)} | {level(k0)} | {fmt(paired(rows, L, f'{mode}/pseudo-real', base))} |"
-            for g in gens:
-                key = f"{mode}/synthetic@{g}"
-                line += f" {fmt(paired(rows, L, key, base))} | {fmt(paired(rows, L, key, f'{mode}/pseudo-real'))} |"
-            lines.append(line)
+    for mode, L, base, k0 in controls(rows, modes):
+        line = f"| {mode} | {L} | {len(k0)} | {level(k0)} | {fmt(paired(rows, L, f'{mode}/pseudo-real', base))} |"
+        for g in gens:
+            key = f"{mode}/synthetic@{g}"
+            line += f" {fmt(paired(rows, L, key, base))} | {fmt(paired(rows, L, key, f'{mode}/pseudo-real'))} |"
+        lines.append(line)
     lines += ["", "| generator | labels/class | seeds | class acc (judge) % | isolated px % | pieces per digit | total variation | stage-2 + generation s |",
               "|---|---|---|---|---|---|---|---|"]
     for g in gens:
