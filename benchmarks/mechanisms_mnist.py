@@ -483,6 +483,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     results = Path(args.results) / f"{args.name}.json"
+    if args.from_run and len(args.seeds) > 1 and "{seed}" not in args.from_run:
+        p.error(f"--from-run {args.from_run}: one run per seed is needed, e.g. 'runs/mnist5k_seed{{seed}}' "
+                "({seed} stands for each of --seeds)")
+    if args.generators and (args.mixup or args.cas or args.only_mixup):
+        p.error("--generators runs the K = 0, pseudo-real and per-generator synthetic cells only; "
+                "run --mixup/--cas in an invocation without --generators")
     if not args.report_only and not (args.encoder or args.from_run):
         p.error("--encoder (or --from-run) is needed to run stages (e.g. runs/mnist5k_seed0/stage0/encoder.safetensors)")
     if not args.report_only:

@@ -104,3 +104,12 @@ def test_from_run_reuses_the_pipeline_run(tmp_path):
     assert row["cells"]["semi/synthetic@unet"] == stage3.get("top1_ema", stage3.get("top1"))
     assert not (base / "bench" / "semi_synthetic@unet").exists()
     assert "stage 1b" not in done.stderr and "stage 0" not in done.stderr
+
+
+def test_from_run_without_a_seed_placeholder_is_refused_for_several_seeds(tmp_path):
+    """One finished run cannot stand for several seeds: the benchmark stops before it links anything."""
+    cmd = [sys.executable, "-m", "benchmarks.mechanisms_mnist", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--out", str(tmp_path / "mech"), "--seeds", "0", "1", "--generators", "unet", "--from-run", str(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "one run per seed is needed" in done.stderr and "{seed}" in done.stderr
+    assert not (tmp_path / "mech").exists()
