@@ -241,21 +241,11 @@ def bench_run(args, labels: int, seed: int) -> dict:
     return row
 
 
-def _is_stage3(cfg, run: Path) -> bool:
-    """Whether ``run`` holds a finished stage 3 made with the settings of ``cfg`` (a --from-run run)."""
-    from dpt.pipeline import STAGES, _recorded_fingerprint, fingerprint
-    from dpt.state import _load_state
-
-    stage = next(s for s in STAGES if s.name == "retrain")
-    done = _recorded_fingerprint(cfg, stage, _load_state(cfg).get("retrain", {}))
-    return (RunLayout(run).stage3 / METRICS).is_file() and done == fingerprint(cfg, stage)
-
-
 def generator_cells(args, labels: int, seed: int, run: Path, row: dict, cells: dict) -> dict:
     """The cells of a --generators run: K = 0 and pseudo-real once, the synthetic source per generator.
     Order: each generator and its probe cells, then each generator's semi cell, then the (costly) semi
     controls, so an interrupted benchmark has the generators' cells first."""
-    from dpt.pipeline import run_pipeline
+    from dpt.pipeline import finished_with, run_pipeline
     from dpt.retrain import run_retrain
 
     facts = dict(row.get("generators", {}))
@@ -285,7 +275,7 @@ def generator_cells(args, labels: int, seed: int, run: Path, row: dict, cells: d
         if mode == "semi" and args.from_run and name == first:  # its stage 3 may have finished meanwhile
             link_run(Path(args.from_run.format(seed=seed)), run)
         ccfg = base_config(args, labels, seed, runs[name], *GENERATORS[name], *cell_overrides(mode, source, args))
-        if not (out / METRICS).is_file() and _is_stage3(ccfg, runs[name]):
+        if not (out / METRICS).is_file() and finished_with(ccfg, "retrain"):
             out = RunLayout(runs[name]).stage3  # the run's own stage 3 is this computation
         if not (out / METRICS).is_file():
             run_retrain(ccfg, out_dir=out)

@@ -235,6 +235,16 @@ def plan(cfg: Config, start: str | None = None, until: str | None = None) -> lis
     return todo
 
 
+def finished_with(cfg: Config, name: str) -> bool:
+    """Whether stage ``name`` has finished in ``cfg.run_dir`` with the settings of ``cfg`` (the test
+    ``plan`` makes before "settings changed"; upstream stages and file times are not looked at)."""
+    stage = _by_name(name)
+    if not (cfg.run_dir / stage.marker).exists():
+        return False
+    record = _load_state(cfg).get(name, {})
+    return _recorded_fingerprint(cfg, stage, record) == fingerprint(cfg, stage)
+
+
 def _recorded_fingerprint(cfg: Config, stage: Stage, record: dict) -> str | None:
     """The settings the finished outputs of a stage were made with: from pipeline.json, else (a
     stage run on its own, e.g. by the stage scripts) from the config.yaml it saved when it
@@ -250,7 +260,10 @@ def _recorded_fingerprint(cfg: Config, stage: Stage, record: dict) -> str | None
 
 
 def _by_name(name: str) -> Stage:
-    return next(s for s in STAGES if s.name == name)
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ConfigError(f"'{name}' is not a stage; stages: {', '.join(STAGE_NAMES)}")
 
 STAGING = str(RELATIVE.staging)  # generation with new settings, while the finished images stay in place
 

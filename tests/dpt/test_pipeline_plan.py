@@ -170,3 +170,16 @@ def test_distribution_alignment_reruns_semi_only_when_switched_on(tmp_path, call
 
     monkeypatch.setattr(pipeline, "to_dict", without_keys)
     assert pipeline.fingerprint(cfg, semi) == with_keys
+
+
+def test_finished_with_names_the_settings_a_stage_was_made_with(tmp_path, calls):
+    cfg = cfg_for(tmp_path)
+    assert not pipeline.finished_with(cfg, "retrain")  # nothing ran yet
+    pipeline.run_pipeline(cfg)
+    assert pipeline.finished_with(cfg, "retrain")
+    assert not pipeline.finished_with(cfg_for(tmp_path, "retrain.synthetic_ratio=0.25"), "retrain")
+    assert pipeline.finished_with(cfg_for(tmp_path, "diffusion.epochs=3"), "retrain")  # its own settings only
+    (cfg.run_dir / "stage3" / "metrics.json").unlink()
+    assert not pipeline.finished_with(cfg, "retrain")
+    with pytest.raises(ConfigError, match="not a stage"):
+        pipeline.finished_with(cfg, "retrian")
