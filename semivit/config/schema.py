@@ -21,12 +21,12 @@ from semivit.errors import ConfigError
 class DataConfig:
     name: str = "mnist5k"  # mnist5k | digits | imagefolder | cifar10 | cifar100
     root: str = ""  # folder for imagefolder / cifar data sets
-    image_size: int = 28
+    image_size: int = 28  # side in pixels every image is resized to for the classifier stages
     channels: int = 0  # 0: the data set's own (1 for digits, 3 otherwise); 1 or 3 to force
     labels_per_class: int = 10  # labeled images per class (used when label_percent is 0)
     label_percent: float = 0.0  # percent of each class that is labeled, (0, 100] (>0 overrides labels_per_class)
     label_csv: str = ""  # load the labeled split from this CSV instead of drawing it (overrides both)
-    unlabeled_includes_labeled: bool = False
+    unlabeled_includes_labeled: bool = False  # the labeled images join the unlabeled set too (Semi-ViT, ImageNet)
     # your own data (imagefolder): root/labeled/<class>/ + root/unlabeled/ (+ val/), or list files.
     # These images ARE the labeled set (no split is drawn, labels_per_class etc. are unused)
     labeled_csv: str = ""  # CSV 'path,label' (label = class name; paths relative to the CSV's folder)
@@ -35,7 +35,7 @@ class DataConfig:
     skip_unreadable: bool = False  # leave out images that cannot be read (listed in <run>/skipped_images.txt)
     # subsets in source order; the per-class caps apply first, the class list never changes
     max_train: int = 0  # >0: use only the first N training images (quick experiments, tests)
-    max_test: int = 0
+    max_test: int = 0  # >0: use only the first N held-out images
     max_train_per_class: int = 0  # >0: the first N training images of each class (smoke runs)
     max_test_per_class: int = 0  # >0: the first N held-out images of each class
     # augmentation recipe, and which of the settings below it reads:
@@ -52,9 +52,9 @@ class DataConfig:
     hflip: bool = False  # never for digits
     crop_padding: int = 2  # small only: random translation by padding + random crop (pixels at image_size)
     randaug_num_ops: int = 2  # 0: no RandAugment
-    randaug_magnitude: int = 10
+    randaug_magnitude: int = 10  # RandAugment strength (scale: see transforms above)
     random_erasing: float = 0.25  # probability; Semi-ViT's value differs by stage in some settings (see configs)
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader worker processes per rank (0: load in the training process)
     # the training set's size for `plan` where the data is not at hand (imagefolder); 0: count it
     train_images: int = 0
     train_classes: int = 0  # its classes (with train_images)
@@ -63,7 +63,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit_compact_patch4"  # a small ViT of this project or any timm model (vit_*, resnet18, convnext_atto, ...)
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate of the classifier (fine-tuning and semi stages)
     global_pool: str = "avg"  # Semi-ViT pools the patch tokens; ViTs: avg|token|max|avgmax|map, CNNs: avg|max|avgmax|catavgmax
     # ResNet / ConvNeXt stem: native (timm's, total stride 32) | small (stride-1 stem, total stride 8, for
     # 16-32 px images) | auto (small below 64 px). Other models ignore auto and native.
@@ -79,11 +79,11 @@ class PretrainConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 5
-    mask_ratio: float = 0.75
-    decoder_dim: int = 96
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75  # share of patches MAE hides from the encoder
+    decoder_dim: int = 96  # width of MAE's decoder (thrown away after pre-training)
+    decoder_depth: int = 2  # transformer blocks of the decoder
+    decoder_heads: int = 4  # attention heads of the decoder
+    norm_pix_loss: bool = True  # reconstruct each patch normalised by its own mean and std (MAE's better target)
     amp: str = "no"  # no | fp16 | bf16
     grad_accum: int = 1
     # the launch-independent recipe (0: unset, batch_size / grad_accum / lr above are used as given):
@@ -123,17 +123,17 @@ class FinetuneConfig:
 class SemiConfig:
     epochs: int = 15
     batch_size: int = 16  # labeled images per step (per process); the unlabeled batch is mu * batch_size
-    mu: int = 5
-    tau: float = 0.7
-    lambda_u: float = 5.0
+    mu: int = 5  # unlabeled images per labeled image in a step
+    tau: float = 0.7  # confidence threshold: an unlabeled image counts only if the teacher's top probability reaches it
+    lambda_u: float = 5.0  # weight of the unlabeled loss against the labeled one
     teacher: str = "ema"  # ema (EMA-Teacher) | student (FixMatch)
     ema_decay: float = 0.999  # 0.9999 at ImageNet scale; a few hundred steps need a faster teacher
-    pseudo_mixup: bool = True
-    pseudo_mixup_cutmix_prob: float = 0.5
+    pseudo_mixup: bool = True  # probabilistic pseudo mixup: mix unlabeled pairs in the ratio of their confidences
+    pseudo_mixup_cutmix_prob: float = 0.5  # pseudo mixup: share of pairs CutMix-ed (the others Mixup-ed)
     # distribution alignment of the teacher's probabilities: none | uniform | labeled (the labeled
     # set's class shares); counters pseudo-labels piling up on a few classes with 1-2 labels per class
     dist_align: str = "none"
-    dist_align_momentum: float = 0.99
+    dist_align_momentum: float = 0.99  # running mean of the teacher's class shares that alignment divides by
     lr: float = 5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -152,8 +152,8 @@ class SemiConfig:
     blr: float = 0.0  # > 0: lr = blr x global batch / 256 (the originals' rule), replacing lr
     max_device_batch: int = 0  # > 0: at most this many images per device per micro-batch (memory cap)
     collapse_min_classes: float = 0.5  # warn when pseudo-labels cover fewer than this share of classes
-    stop_on_collapse: bool = False
-    stop_on_nonfinite: bool = True
+    stop_on_collapse: bool = False  # end the stage with an error instead of a warning (collapse_min_classes)
+    stop_on_nonfinite: bool = True  # a NaN/inf loss ends the stage with an error; false: the step is skipped
     eval_every: int = 5
     steps_per_epoch: int = 0  # 0: one pass over the unlabeled set
 
@@ -161,7 +161,7 @@ class SemiConfig:
 @dataclass
 class PseudoLabelConfig:
     batch_size: int = 256
-    use_ema: bool = True
+    use_ema: bool = True  # label with the EMA teacher of stage 1b (false: its student)
 
 
 @dataclass
@@ -184,12 +184,12 @@ class ExportConfig:
 class DiffusionConfig:
     model: str = "dit"  # dit (DiTTransformer2DModel) | unet (UNet2DModel)
     image_size: int = 0  # the generator's resolution (pixel space) or the VAE's input size; 0: data.image_size
-    patch_size: int = 4
+    patch_size: int = 4  # DiT: side of the square patches (tokens = (size / patch)^2)
     hidden_size: int = 128  # 128 x 4 blocks: trains + samples 1000 digits in ~12 min on 2 CPU cores
-    depth: int = 4
-    num_heads: int = 4
-    unet_channels: list = field(default_factory=lambda: [64, 128, 128])
-    unet_layers_per_block: int = 1
+    depth: int = 4  # DiT: transformer blocks
+    num_heads: int = 4  # DiT: attention heads
+    unet_channels: list = field(default_factory=lambda: [64, 128, 128])  # UNet: channels per resolution level
+    unet_layers_per_block: int = 1  # UNet: residual blocks per level
     unet_attention_levels: int = 1  # self-attention in the lowest N resolutions of the UNet
     vae: str = ""  # local AutoencoderKL folder: train in its latent space
     cache_latents: bool = True  # latent space: encode the training images once (both flips), reuse the cache
@@ -197,12 +197,12 @@ class DiffusionConfig:
     # and page cache; the posterior mean and std round to ~3 significant digits)
     latent_dtype: str = "float32"
     labels: str = "auto"  # auto (this run's pseudo_labels.csv) | true | PATH to a labels CSV
-    min_confidence: float = 0.0
-    max_per_class: int = 0
-    p_uncond: float = 0.1
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
+    min_confidence: float = 0.0  # train only on pseudo-labels at least this confident
+    max_per_class: int = 0  # >0: at most the N most confident images of each class
+    p_uncond: float = 0.1  # share of training images whose class is dropped (classifier-free guidance)
+    num_train_timesteps: int = 1000  # noise levels of the forward process
+    beta_schedule: str = "squaredcos_cap_v2"  # noise schedule (diffusers' names; squaredcos_cap_v2 = cosine)
+    prediction_type: str = "epsilon"  # the network's target: epsilon (the noise) | sample (clean image) | v_prediction
     # > 0: min-SNR-gamma loss weights (e.g. 5): nearly clean noise levels count as much as the
     # class-deciding noisy ones; 0: every noise level's MSE counts the same
     min_snr_gamma: float = 0.0
@@ -210,11 +210,11 @@ class DiffusionConfig:
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 200
+    warmup_steps: int = 200  # optimizer steps of linear lr warm-up
     ema_decay: float = 0.999
-    ema_warmup: bool = True
+    ema_warmup: bool = True  # the EMA decay grows towards ema_decay over the first steps (diffusers' EMAModel warm-up)
     clip_grad: float = 1.0
-    hflip: bool = False
+    hflip: bool = False  # random horizontal flips of the training images (never for digits)
     amp: str = "no"
     grad_accum: int = 1
     # the launch-independent recipe (0: unset, batch_size / grad_accum / lr above are used as given):
@@ -238,14 +238,14 @@ class DiffusionConfig:
 class GenerateConfig:
     model: str = ""  # diffusers folder; default: this run's stage2/model
     out: str = ""  # default: this run's synthetic/
-    num_per_class: int = 100
+    num_per_class: int = 100  # images generated for each class
     classes: str = ""  # comma-separated class names or ids; empty: all
-    guidance_scale: float = 2.0
+    guidance_scale: float = 2.0  # classifier-free guidance weight (1: no guidance)
     guidance_min_t: float = 0.0  # > 0: guide only steps with t >= this share of the timesteps (e.g. 0.3)
     sampler: str = "dpmsolver++"  # ddpm | ddim | dpmsolver++ | sde-dpmsolver++ (stochastic, as DDPM)
-    steps: int = 25
+    steps: int = 25  # sampler steps per image
     batch_size: int = 250
-    seed: int = 0
+    seed: int = 0  # each image's noise comes from (seed, class, index): any rank count makes the same images
 
 
 @dataclass
@@ -295,7 +295,7 @@ class RetrainConfig:
 @dataclass
 class PipelineConfig:
     judge: bool = True  # train a classifier on all true labels to judge synthetic class accuracy
-    judge_epochs: int = 30
+    judge_epochs: int = 30  # fine-tuning epochs of the judge
 
 
 @dataclass
@@ -312,12 +312,12 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    name: str = "mnist5k"
-    output_dir: str = "runs/mnist5k"
-    seed: int = 0
+    name: str = "mnist5k"  # the experiment's name (logs, reports)
+    output_dir: str = "runs/mnist5k"  # the run folder every stage writes into
+    seed: int = 0  # seeds the labeled split, initialisation and data order of every stage
     checkpoint: str = ""  # input of a stage that starts from a trained classifier (folder or file)
     resume: bool = True  # continue from the stage's last saved state when one exists
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard logs in each stage's logs/ (when tensorboard is installed)
     stop_after_epoch: int = 0  # >0: end a training stage after this epoch as if interrupted (resumable)
     # smoke=true keeps the models, resolution, precision and weight files of the config and shrinks
     # only the work (a few images per class, ~2 optimizer steps per stage): a check before a long run
