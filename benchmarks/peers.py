@@ -23,7 +23,15 @@ interrupted run resumes), and the paired differences against Semi-ViT (mean, sam
 seeds) are printed as a table and stored beside the cells; PLOT shows top-1 per cell with the seeds.
 
     python -m benchmarks.peers --run runs/mnist5k_seed0 --seeds 0 1 2 --usb-python /work/peers-venv/bin/python
+    python -m benchmarks.peers --from-run 'runs/mnist5k_seed{seed}' --seeds 0 1 2 --usb-python ...
     python -m benchmarks.peers --small          # configs/tiny.yaml, a few steps: a check of the harness
+
+With --from-run, each seed has its own finished pipeline run (``dpt run``, at least up to stage 1b,
+with --config and the same settings): its split, its stage-0 MAE encoder (--init run) and its stage-1
+models are that seed's split, init, ``finetune`` cell and Semi-ViT cell (``semivit`` or ``semivit-da``,
+whichever ``semi.dist_align`` the config sets; the other is trained). Nothing is trained twice, and
+the reference is the pipeline's own Semi-ViT. A run whose stage 1 was made with other settings is an
+error, not a silent mismatch.
 
 USB cells run in a child process of ``--usb-python`` (default: this Python); where that Python has
 no ``semilearn``, they are skipped with a message and the other cells still run.
@@ -64,6 +72,8 @@ def parse(argv=None):
     p.add_argument("--config", default=None, help="default configs/mnist5k.yaml (configs/tiny.yaml with --small)")
     p.add_argument("--run", default=None, help="a run folder: its label_split.csv (and stage0 encoder for --init run)")
     p.add_argument("--split", default=None, help="a label_split.csv (instead of --run's)")
+    p.add_argument("--from-run", default=None, help="a finished pipeline run per seed, {seed} in the path "
+                   "(e.g. 'runs/mnist5k_seed{seed}'): its split, encoder and stage-1 models (see above)")
     p.add_argument("--init", default="run", help="run (the run's stage-0 MAE encoder), none (from scratch) or a path")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--cells", nargs="+", default=list(ALL_CELLS), choices=ALL_CELLS)
@@ -75,6 +85,10 @@ def parse(argv=None):
     a = p.parse_args(argv)
     a.config = a.config or str(ROOT / "configs" / ("tiny.yaml" if a.small else "mnist5k.yaml"))
     a.out = Path(a.out or run_dir(MODULE))
+    if a.from_run and (a.run or a.split):
+        p.error("--from-run takes each seed's split from its run: leave out --run and --split")
+    if a.from_run and len(a.seeds) > 1 and "{seed}" not in a.from_run:
+        p.error(f"--from-run '{a.from_run}' has no {{seed}}: every seed would reuse one run's stage-1 models")
     return a
 
 
@@ -99,6 +113,16 @@ def label_split(a) -> Path:
     cfg = load_config(a.config, [f"output_dir={a.out / 'split'}", *base_overrides(a)])
     run_split(cfg, build_data(cfg.data).train, "peers")
     return a.out / "split" / LABEL_SPLIT
+
+
+def _run_init(a, run: Path) -> str:
+    """--from-run: --init run is that run's stage-0 encoder (an error where it has none)."""
+    if a.init != "run":
+        return a.init
+    enc = run / "stage0" / "encoder.safetensors"
+    if not enc.is_file():
+        raise SystemExit(f"--from-run: '{enc}' not found (--init run needs the run's stage 0); pass --init none or a path")
+    return str(enc)
 
 
 def resolve_init(a) -> str:
@@ -197,11 +221,52 @@ def usb_cell(a, split, seed, folder: Path, start: Path, algorithm: str) -> dict 
     return json.loads(out.read_text())
 
 
+def seed_run(a, seed: int) -> Path:
+    """--from-run: the finished pipeline run of ``seed``."""
+    run = Path(a.from_run.format(seed=seed))
+    if not (run / LABEL_SPLIT).is_file():
+        raise SystemExit(f"--from-run: '{run / LABEL_SPLIT}' not found; run `python -m dpt run --config {a.config} "
+                         f"seed={seed} output_dir={run} --until semi` first")
+    return run
+
+
+def reused_cells(a, run: Path, seed: int) -> dict[str, dict]:
+    """The cells a --from-run run has already computed: its fine-tuned model, and its Semi-ViT as the
+    cell of the config's ``semi.dist_align``. Each must have finished with --config and the overrides."""
+    from dpt.pipeline import finished_with
+
+    cfg = load_config(a.config, [*base_overrides(a), f"output_dir={run}", f"seed={seed}"])
+    semi_cell = "semivit" if cfg.semi.dist_align == "none" else "semivit-da" if cfg.semi.dist_align == "uniform" else None
+    out = {}
+    for cell, stage, folder in (("finetune", "finetune", run / "stage1" / "finetune"),
+                                (semi_cell, "semi", run / "stage1" / "semi")):
+        if cell is None:
+            continue
+        if not finished_with(cfg, stage):
+            raise SystemExit(f"--from-run: '{folder}' is not a finished {stage} stage made with {a.config} and "
+                             f"{' '.join(base_overrides(a)) or 'no overrides'} (seed {seed}); finish the run with "
+                             "these settings, or leave out --from-run")
+        m = read_json(folder / METRICS)
+        steps = _steps(folder)
+        per_step = cfg.finetune.batch_size if stage == "finetune" else (1 + cfg.semi.mu) * cfg.semi.batch_size
+        wall = float(m.get("seconds") or 0.0)
+        out[cell] = {**_top1(folder), "wall_s": wall, "images_per_s": steps * per_step / wall if wall else 0.0,
+                     "steps": steps, "images_per_step": per_step, "reused": str(folder)}
+    return out
+
+
 def run_seed(a, split: Path, seed: int, init: str, done: dict, save) -> None:
     base = a.out / f"seed{seed}"
     key = lambda cell: f"{cell}/seed{seed}"  # noqa: E731
     vit = base / "vit"
     start = vit / "stage1" / "finetune"
+    if a.from_run:
+        run = seed_run(a, seed)
+        for cell, value in reused_cells(a, run, seed).items():
+            if (cell in a.cells or cell == "finetune") and key(cell) not in done:
+                done[key(cell)] = value
+        start = run / "stage1" / "finetune"
+        save()
     needs_start = any(c in a.cells for c in ("finetune", "semivit", "semivit-da", *USB_CELLS))
     if needs_start and (key("finetune") not in done or not (start / METRICS).is_file()):
         done[key("finetune")], start = own_finetune(a, split, seed, vit, init)
@@ -305,13 +370,26 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     a = parse(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    split = label_split(a)
-    init = resolve_init(a)
+    if a.from_run:  # each seed: its run's split and encoder
+        splits = {seed: seed_run(a, seed) / LABEL_SPLIT for seed in a.seeds}
+        inits = {seed: _run_init(a, splits[seed].parent) for seed in a.seeds}
+    else:
+        split = label_split(a)
+        splits = dict.fromkeys(a.seeds, split)
+        inits = dict.fromkeys(a.seeds, resolve_init(a))
+    first = a.seeds[0]
+    init = inits[first]
     init_tag = "scratch" if init == "none" else "mae" if init.endswith("encoder.safetensors") else "init"
-    name = f"peers_l{_labeled_count(split)}_{init_tag}{'_small' if a.small else ''}"
+    runs_tag = "_runs" if a.from_run else ""
+    name = f"peers_l{_labeled_count(splits[first])}_{init_tag}{runs_tag}{'_small' if a.small else ''}"
     results = Path(a.results) if a.results else (a.out if a.small else result_dir(MODULE)) / f"{name}.json"
-    settings = {"config": a.config, "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest(),
-                "num_labeled": _labeled_count(split), "init": init, "overrides": base_overrides(a)}
+    if a.from_run:  # one split per seed: each cell records its own (below)
+        settings = {"config": a.config, "from_run": a.from_run, "num_labeled": _labeled_count(splits[first]),
+                    "init": "none" if init == "none" else "run" if a.init == "run" else init,
+                    "overrides": base_overrides(a)}
+    else:
+        settings = {"config": a.config, "split_sha256": hashlib.sha256(split.read_bytes()).hexdigest(),
+                    "num_labeled": _labeled_count(split), "init": init, "overrides": base_overrides(a)}
     done: dict = {}
     if results.is_file():  # resume: the cells there were made with these settings, or it is another study
         earlier = read_json(results).get("results", {})
@@ -320,15 +398,28 @@ def main(argv=None) -> int:
                              "pass another --results (and --out) for these")
         done = earlier.get("cells", {})
     done.pop("skipped", None)
-    local_split = a.out / LABEL_SPLIT  # a copy beside the runs: the run folder may move
-    if split.resolve() != local_split.resolve():
-        shutil.copyfile(split, local_split)
 
     def save() -> None:
         write_result(results, {"settings": settings, "cells": done, "paired": paired(done)})
 
     for seed in a.seeds:
-        run_seed(a, local_split, seed, init, done, save)
+        # a copy beside the runs (the run folder may move), one per seed where the splits differ
+        local_split = a.out / (f"seed{seed}" if a.from_run else "") / LABEL_SPLIT
+        local_split.parent.mkdir(parents=True, exist_ok=True)
+        if splits[seed].resolve() != local_split.resolve():
+            shutil.copyfile(splits[seed], local_split)
+        digest = hashlib.sha256(local_split.read_bytes()).hexdigest()
+        if a.from_run:
+            other = [k for k, v in done.items() if k.endswith(f"/seed{seed}") and v.get("split_sha256") != digest]
+            if other:
+                raise SystemExit(f"'{results}' holds cells of seed {seed} made on another split ({other[0]}); "
+                                 "pass another --results (and --out) for this run")
+        before = set(done)
+        run_seed(a, local_split, seed, inits[seed], done, save)
+        if a.from_run:
+            for k in set(done) - before:
+                done[k]["split_sha256"] = digest
+            save()
     save()
     plot(done, results.with_suffix(".png"))
     print(markdown(paired(done)))

@@ -107,3 +107,33 @@ def test_usb_network_interface_keeps_the_classifier():
         assert torch.allclose(wrapped(feat, only_fc=True), ref, atol=1e-5)
     assert out["feat"].shape == (3, 64) and list(wrapped.state_dict()) == keys
     assert "blocks" in wrapped.group_matcher()
+
+
+def test_from_run_reuses_each_seeds_stage_one_and_refuses_other_settings(tmp_path):
+    """--from-run: the run's split, fine-tuned model and Semi-ViT are the seed's split, finetune and
+    semivit cells (read back, not trained); semivit-da starts from the run's fine-tuned model; a run
+    made with other settings is refused with the setting named."""
+    from dpt.pipeline import run_pipeline
+    from semivit.config.load import load_config
+
+    small = ["data.max_train=120", "data.max_test=40", "finetune.epochs=1", "semi.epochs=1", "semi.steps_per_epoch=2"]
+    run = tmp_path / "run_seed0"
+    run_pipeline(load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={run}", *small]), until="semi")
+    proc = _run(tmp_path / "out", "--cells", "finetune", "semivit", "semivit-da",
+                "--from-run", str(tmp_path / "run_seed{seed}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "r.json").read_text())["results"]
+    cells = data["cells"]
+    semi = json.loads((run / "stage1" / "semi" / "metrics.json").read_text())
+    assert cells["semivit/seed0"]["top1"] == semi["top1_ema"]
+    assert cells["semivit/seed0"]["reused"] == str(run / "stage1" / "semi")
+    assert cells["finetune/seed0"]["reused"] == str(run / "stage1" / "finetune")
+    assert "reused" not in cells["semivit-da/seed0"] and cells["semivit-da/seed0"]["steps"] == 2
+    assert cells["semivit-da/seed0"]["split_sha256"] == cells["semivit/seed0"]["split_sha256"]
+    assert data["settings"]["from_run"].endswith("run_seed{seed}")
+    assert (tmp_path / "out" / "seed0" / "label_split.csv").read_text() == (run / "label_split.csv").read_text()
+    assert not (tmp_path / "out" / "seed0" / "vit" / "stage1" / "finetune").exists()  # not fine-tuned again
+    # other settings than the run's: refused, nothing measured
+    other = _run(tmp_path / "out2", "--cells", "semivit", "--from-run", str(tmp_path / "run_seed{seed}"), "semi.tau=0.9")
+    assert other.returncode != 0 and "not a finished semi stage" in other.stderr
+    assert not (tmp_path / "out2" / "r.json").exists()
