@@ -15,6 +15,9 @@ For each seed, every cell uses the labeled split of the given run (``RUN/label_s
     resnet18, convnext
                  the same two stages (fine-tuning, then Semi-ViT's semi stage, same steps) with a
                  ResNet-18 / ConvNeXt-atto from scratch (small-image stem, model.stem=auto)
+    dpt          DPT: the pipeline's stage 3 (Semi-ViT again on real + synthetic images), read from
+                 the --from-run run where its stages 2-3 finished with these settings (skipped with
+                 a message otherwise); its wall seconds are those of stages 1b-3
 
 Every top-1 is the final EMA model's on the held-out split (nothing is selected on it). Each cell
 records wall seconds and images/s (images per step = labeled batch + unlabeled batch, unlabeled
@@ -31,7 +34,7 @@ with --config and the same settings): its split, its stage-0 MAE encoder (--init
 models are that seed's split, init, ``finetune`` cell and Semi-ViT cell (``semivit`` or ``semivit-da``,
 whichever ``semi.dist_align`` the config sets; the other is trained). Nothing is trained twice, and
 the reference is the pipeline's own Semi-ViT. A run whose stage 1 was made with other settings is an
-error, not a silent mismatch.
+error, not a silent mismatch. A run finished to its end also gives the ``dpt`` cell.
 
 USB cells run in a child process of ``--usb-python`` (default: this Python); where that Python has
 no ``semilearn``, they are skipped with a message and the other cells still run.
@@ -62,7 +65,8 @@ MODULE = "benchmarks.peers"  # __name__ is "__main__" under python -m
 USB_CELLS = ("fixmatch", "flexmatch", "freematch", "softmatch")
 OWN_CELLS = ("finetune", "semivit", "semivit-da")
 CNN_CELLS = {"resnet18": "resnet18", "convnext": "convnext_atto"}
-ALL_CELLS = OWN_CELLS + USB_CELLS + tuple(CNN_CELLS)
+ALL_CELLS = OWN_CELLS + USB_CELLS + tuple(CNN_CELLS) + ("dpt",)
+DPT_STAGES = ("semi", "pseudo-label", "train-diffusion", "generate", "retrain")  # what the dpt cell costs
 REFERENCE = "semivit"
 SMALL = ["data.max_train=120", "data.max_test=40", "finetune.epochs=1", "semi.epochs=1", "semi.steps_per_epoch=2"]
 
@@ -255,6 +259,27 @@ def reused_cells(a, run: Path, seed: int) -> dict[str, dict]:
     return out
 
 
+def reused_dpt(a, run: Path, seed: int) -> dict | str:
+    """--from-run: the run's stage 3 as the ``dpt`` cell, where stages 2-3 finished with --config and
+    the overrides (its wall seconds: stages 1b to 3, what DPT costs after fine-tuning); else why not."""
+    from dpt.pipeline import finished_with, stage_seconds
+
+    cfg = load_config(a.config, [*base_overrides(a), f"output_dir={run}", f"seed={seed}"])
+    for stage in DPT_STAGES[2:]:
+        if not finished_with(cfg, stage):
+            return (f"'{run}' has no {stage} stage finished with {a.config} and "
+                    f"{' '.join(base_overrides(a)) or 'no overrides'}; run `python -m dpt run --config {a.config} "
+                    f"seed={seed} output_dir={run}` to its end for the dpt cell")
+    folder = run / "stage3"
+    seconds = {stage: stage_seconds(cfg, stage) or 0.0 for stage in DPT_STAGES}
+    wall = sum(seconds.values())
+    steps = _steps(folder)
+    per_step = (1 + cfg.semi.mu) * cfg.semi.batch_size
+    return {**_top1(folder), "wall_s": wall, "stage_seconds": seconds,
+            "images_per_s": steps * per_step / seconds["retrain"] if seconds["retrain"] else 0.0,
+            "steps": steps, "images_per_step": per_step, "reused": str(folder)}
+
+
 def run_seed(a, split: Path, seed: int, init: str, done: dict, save) -> None:
     base = a.out / f"seed{seed}"
     key = lambda cell: f"{cell}/seed{seed}"  # noqa: E731
@@ -295,6 +320,15 @@ def run_seed(a, split: Path, seed: int, init: str, done: dict, save) -> None:
             semi.update(model=model, finetune_top1=ft["top1"], wall_s=ft["wall_s"] + semi["wall_s"],
                         finetune_wall_s=ft["wall_s"])
             done[key(cell)] = semi
+            save()
+    if "dpt" in a.cells and key("dpt") not in done:
+        cell = reused_dpt(a, seed_run(a, seed), seed) if a.from_run else (
+            "the dpt cell is read from a pipeline run finished to stage 3: give --from-run")
+        if isinstance(cell, str):
+            print(f"dpt seed {seed}: skipped: {cell}", flush=True)
+            done.setdefault("skipped", {})["dpt"] = cell
+        else:
+            done[key("dpt")] = cell
             save()
 
 

@@ -245,6 +245,14 @@ def finished_with(cfg: Config, name: str) -> bool:
     return _recorded_fingerprint(cfg, stage, record) == fingerprint(cfg, stage)
 
 
+def stage_seconds(cfg: Config, name: str) -> float | None:
+    """Wall seconds of stage ``name``'s last run by the pipeline in ``cfg.run_dir`` (None where the
+    pipeline has not recorded one, e.g. a stage run on its own)."""
+    _by_name(name)
+    seconds = _load_state(cfg).get(name, {}).get("seconds")
+    return None if seconds is None else float(seconds)
+
+
 def _recorded_fingerprint(cfg: Config, stage: Stage, record: dict) -> str | None:
     """The settings the finished outputs of a stage were made with: from pipeline.json, else (a
     stage run on its own, e.g. by the stage scripts) from the config.yaml it saved when it

@@ -110,16 +110,18 @@ def test_usb_network_interface_keeps_the_classifier():
 
 
 def test_from_run_reuses_each_seeds_stage_one_and_refuses_other_settings(tmp_path):
-    """--from-run: the run's split, fine-tuned model and Semi-ViT are the seed's split, finetune and
-    semivit cells (read back, not trained); semivit-da starts from the run's fine-tuned model; a run
-    made with other settings is refused with the setting named."""
+    """--from-run: the run's split, fine-tuned model, Semi-ViT and stage 3 are the seed's split,
+    finetune, semivit and dpt cells (read back, not trained); semivit-da starts from the run's
+    fine-tuned model; a run made with other settings is refused with the setting named, and a run
+    without stage 3 has no dpt cell, said in the output."""
     from dpt.pipeline import run_pipeline
     from semivit.config.load import load_config
 
     small = ["data.max_train=120", "data.max_test=40", "finetune.epochs=1", "semi.epochs=1", "semi.steps_per_epoch=2"]
     run = tmp_path / "run_seed0"
-    run_pipeline(load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={run}", *small]), until="semi")
-    proc = _run(tmp_path / "out", "--cells", "finetune", "semivit", "semivit-da",
+    run_pipeline(load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={run}", "pipeline.judge=false", *small]),
+                 until="retrain")
+    proc = _run(tmp_path / "out", "--cells", "finetune", "semivit", "semivit-da", "dpt",
                 "--from-run", str(tmp_path / "run_seed{seed}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "r.json").read_text())["results"]
@@ -132,8 +134,22 @@ def test_from_run_reuses_each_seeds_stage_one_and_refuses_other_settings(tmp_pat
     assert cells["semivit-da/seed0"]["split_sha256"] == cells["semivit/seed0"]["split_sha256"]
     assert data["settings"]["from_run"].endswith("run_seed{seed}")
     assert (tmp_path / "out" / "seed0" / "label_split.csv").read_text() == (run / "label_split.csv").read_text()
+    stage3 = json.loads((run / "stage3" / "metrics.json").read_text())
+    state = json.loads((run / "pipeline.json").read_text())
+    dpt = cells["dpt/seed0"]
+    assert dpt["top1"] == stage3.get("top1_ema", stage3["top1"]) and dpt["reused"] == str(run / "stage3")
+    assert dpt["stage_seconds"]["retrain"] == state["retrain"]["seconds"]
+    assert dpt["wall_s"] == pytest.approx(sum(state[s]["seconds"] for s in
+                                              ("semi", "pseudo-label", "train-diffusion", "generate", "retrain")))
+    assert "dpt" in data["paired"] and data["paired"]["dpt"]["diff_seeds"] == [0]
     assert not (tmp_path / "out" / "seed0" / "vit" / "stage1" / "finetune").exists()  # not fine-tuned again
     # other settings than the run's: refused, nothing measured
     other = _run(tmp_path / "out2", "--cells", "semivit", "--from-run", str(tmp_path / "run_seed{seed}"), "semi.tau=0.9")
     assert other.returncode != 0 and "not a finished semi stage" in other.stderr
     assert not (tmp_path / "out2" / "r.json").exists()
+    # a run that stopped after stage 1: the dpt cell is skipped with the command that makes it
+    (run / "stage3" / "metrics.json").unlink()
+    again = _run(tmp_path / "out3", "--cells", "semivit", "dpt", "--from-run", str(tmp_path / "run_seed{seed}"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "dpt: not measured:" in again.stdout and "has no retrain stage finished" in again.stdout
+    assert "dpt/seed0" not in json.loads((tmp_path / "out3" / "r.json").read_text())["results"]["cells"]
