@@ -387,13 +387,18 @@ def plot(done: dict, path: Path) -> None:
     cells = cells_by_name(done)
     names = [c for c in ALL_CELLS if c in cells]
     fig, ax = plt.subplots(figsize=(1.1 * max(4, len(names)) + 1, 3.6))
+    every = []
     for i, cell in enumerate(names):
         tops = [cells[cell][s]["top1"] for s in sorted(cells[cell])]
-        ax.bar(i, statistics.fmean(tops), color="tab:orange" if cell == REFERENCE else "tab:blue", alpha=0.6)
+        every += tops
+        ax.hlines(statistics.fmean(tops), i - 0.3, i + 0.3, color="tab:orange" if cell == REFERENCE else "tab:blue", lw=3)
         ax.scatter([i] * len(tops), tops, color="k", s=12, zorder=3)
+    if every:  # the axis spans the cells, so differences of a point stay visible
+        ax.set_ylim(max(0.0, min(every) - 2), min(100.0, max(every) + 1))
+    ax.grid(axis="y", alpha=0.3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("top-1 (final EMA model, %)")
-    ax.set_title("same split, start and steps; dots: seeds")
+    ax.set_title("same split, start and steps; dots: seeds, bars: mean")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -451,7 +456,7 @@ def main(argv=None) -> int:
         before = set(done)
         run_seed(a, local_split, seed, inits[seed], done, save)
         if a.from_run:
-            for k in set(done) - before:
+            for k in set(done) - before - {"skipped"}:  # the cells, not the reasons for skipping
                 done[k]["split_sha256"] = digest
             save()
     save()

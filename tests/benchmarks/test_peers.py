@@ -152,4 +152,6 @@ def test_from_run_reuses_each_seeds_stage_one_and_refuses_other_settings(tmp_pat
     again = _run(tmp_path / "out3", "--cells", "semivit", "dpt", "--from-run", str(tmp_path / "run_seed{seed}"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "dpt: not measured:" in again.stdout and "has no retrain stage finished" in again.stdout
-    assert "dpt/seed0" not in json.loads((tmp_path / "out3" / "r.json").read_text())["results"]["cells"]
+    skipped_cells = json.loads((tmp_path / "out3" / "r.json").read_text())["results"]["cells"]
+    assert "dpt/seed0" not in skipped_cells and list(skipped_cells["skipped"]) == ["dpt"]
+    assert "split_sha256: not measured" not in again.stdout
