@@ -234,12 +234,17 @@ def seed_run(a, seed: int) -> Path:
     return run
 
 
+def run_config(a, run: Path, seed: int):
+    """--from-run: the settings the seed's run must have been made with (--config and the overrides)."""
+    return load_config(a.config, [*base_overrides(a), f"output_dir={run}", f"seed={seed}"])
+
+
 def reused_cells(a, run: Path, seed: int) -> dict[str, dict]:
     """The cells a --from-run run has already computed: its fine-tuned model, and its Semi-ViT as the
     cell of the config's ``semi.dist_align``. Each must have finished with --config and the overrides."""
     from dpt.pipeline import finished_with
 
-    cfg = load_config(a.config, [*base_overrides(a), f"output_dir={run}", f"seed={seed}"])
+    cfg = run_config(a, run, seed)
     semi_cell = "semivit" if cfg.semi.dist_align == "none" else "semivit-da" if cfg.semi.dist_align == "uniform" else None
     out = {}
     for cell, stage, folder in (("finetune", "finetune", run / "stage1" / "finetune"),
@@ -264,7 +269,7 @@ def reused_dpt(a, run: Path, seed: int) -> dict | str:
     the overrides (its wall seconds: stages 1b to 3, what DPT costs after fine-tuning); else why not."""
     from dpt.pipeline import finished_with, stage_seconds
 
-    cfg = load_config(a.config, [*base_overrides(a), f"output_dir={run}", f"seed={seed}"])
+    cfg = run_config(a, run, seed)
     for stage in DPT_STAGES[2:]:
         if not finished_with(cfg, stage):
             return (f"'{run}' has no {stage} stage finished with {a.config} and "
@@ -398,7 +403,7 @@ def plot(done: dict, path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("top-1 (final EMA model, %)")
-    ax.set_title("same split, start and steps; dots: seeds, bars: mean")
+    ax.set_title("same split, start and steps; dots: seeds, lines: mean")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
