@@ -28,6 +28,12 @@ seeds) are printed as a table and stored beside the cells; PLOT shows top-1 per 
     python -m benchmarks.peers --run runs/mnist5k_seed0 --seeds 0 1 2 --usb-python /work/peers-venv/bin/python
     python -m benchmarks.peers --from-run 'runs/mnist5k_seed{seed}' --seeds 0 1 2 --usb-python ...
     python -m benchmarks.peers --small          # configs/tiny.yaml, a few steps: a check of the harness
+    python -m benchmarks.peers --merge a.json b.json --results all.json   # cells made side by side
+
+Cells of one study can be made by processes side by side (each with its own --results, e.g. one
+seed or one cell each); ``--merge`` puts them into one file: every file must hold the same settings
+(and the same split per seed), a cell found twice must agree, and the provenance lists the command
+that made each file (``cells_made_by``).
 
 With --from-run, each seed has its own finished pipeline run (``dpt run``, at least up to stage 1b,
 with --config and the same settings): its split, its stage-0 MAE encoder (--init run) and its stage-1
@@ -54,9 +60,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.record import ROOT, result_dir, run_dir, write_result
+from benchmarks.record import ROOT, provenance, result_dir, run_dir, write_result
 from semivit.config.load import load_config
-from semivit.files import pyplot, read_json
+from semivit.files import atomic_write_json, pyplot, read_json
 from semivit.runtime.layout import HISTORY, LABEL_SPLIT, METRICS
 
 logger = logging.getLogger("peers")
@@ -85,10 +91,16 @@ def parse(argv=None):
     p.add_argument("--out", default=None, help="folder of the runs (default runs/bench/peers)")
     p.add_argument("--results", default=None, help="JSON of the cells (default benchmarks/results/peers/)")
     p.add_argument("--small", action="store_true", help="tiny config, 2 steps per stage: a check, numbers meaningless")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="put the cells of these results files (same settings) into --results, then report; trains nothing")
+    p.add_argument("--conditions", default=None,
+                   help="with --merge: how the cells ran (threads, jobs side by side), kept in the provenance")
     p.add_argument("overrides", nargs="*", help="key=value settings for every cell")
     a = p.parse_args(argv)
     a.config = a.config or str(ROOT / "configs" / ("tiny.yaml" if a.small else "mnist5k.yaml"))
     a.out = Path(a.out or run_dir(MODULE))
+    if a.merge and not a.results:
+        p.error("--merge needs --results: the file the cells go into (it may already hold some)")
     if a.from_run and (a.run or a.split):
         p.error("--from-run takes each seed's split from its run: leave out --run and --split")
     if a.from_run and len(a.seeds) > 1 and "{seed}" not in a.from_run:
@@ -410,9 +422,55 @@ def plot(done: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _cells(results: dict) -> dict:
+    return {k: v for k, v in results.get("cells", {}).items() if k != "skipped"}
+
+
+def merge(a) -> int:
+    """--merge: the cells of several results files of one study in one file (see the module's text)."""
+    target = Path(a.results)
+    settings, done, made_by, conditions = None, {}, [], a.conditions
+    if target.is_file():
+        data = read_json(target)
+        settings, done = data["results"]["settings"], _cells(data["results"])
+        made_by = list(data["provenance"].get("cells_made_by") or [data["provenance"]["command"]])
+        conditions = conditions or data["provenance"].get("conditions")
+    for source in map(Path, a.merge):
+        if not source.is_file():
+            raise SystemExit(f"--merge: '{source}' not found")
+        data = read_json(source)
+        if not (isinstance(data, dict) and "results" in data and "settings" in data["results"]):
+            raise SystemExit(f"--merge: '{source}' is not a results file of benchmarks.peers")
+        settings = settings if settings is not None else data["results"]["settings"]
+        if data["results"]["settings"] != settings:
+            raise SystemExit(f"--merge: '{source}' holds cells of other settings ({data['results']['settings']}) "
+                             f"than {target if target.is_file() else a.merge[0]} ({settings}); merge it into another --results")
+        for key, cell in _cells(data["results"]).items():
+            seed = key.split("/seed")[1]
+            other = next((v for k, v in done.items() if k.endswith(f"/seed{seed}")), None)
+            if other is not None and other.get("split_sha256") != cell.get("split_sha256"):
+                raise SystemExit(f"--merge: '{source}' has {key} on another split than the cells of seed {seed} "
+                                 "already merged; these are not the same study")
+            if key in done and done[key]["top1"] != cell["top1"]:
+                raise SystemExit(f"--merge: {key} is in two files with different top-1 ({done[key]['top1']} and "
+                                 f"{cell['top1']} in '{source}'); keep one of the runs")
+            done.setdefault(key, cell)
+        prov = data.get("provenance", {})
+        made_by += [c for c in prov.get("cells_made_by") or [prov.get("command", str(source))] if c not in made_by]
+    extra = {"cells_made_by": made_by, **({"conditions": conditions} if conditions else {})}
+    atomic_write_json(target, {"provenance": {**provenance(), **extra},
+                               "results": {"settings": settings, "cells": done, "paired": paired(done)}})
+    plot(done, target.with_suffix(".png"))
+    print(markdown(paired(done)))
+    print(f"results: {target} ({len(done)} cells from {len(a.merge)} file(s))")
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     a = parse(argv)
+    if a.merge:
+        return merge(a)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.from_run:  # each seed: its run's split and encoder
         splits = {seed: seed_run(a, seed) / LABEL_SPLIT for seed in a.seeds}

@@ -155,3 +155,38 @@ def test_from_run_reuses_each_seeds_stage_one_and_refuses_other_settings(tmp_pat
     skipped_cells = json.loads((tmp_path / "out3" / "r.json").read_text())["results"]["cells"]
     assert "dpt/seed0" not in skipped_cells and list(skipped_cells["skipped"]) == ["dpt"]
     assert "split_sha256: not measured" not in again.stdout
+
+
+def _cell(top1: float, split: str = "a") -> dict:
+    return {"top1": top1, "wall_s": 10.0, "images_per_s": 9.6, "steps": 4, "images_per_step": 24, "split_sha256": split}
+
+
+def test_merge_joins_cells_made_side_by_side_and_refuses_another_study(tmp_path):
+    from benchmarks.peers import main
+    from benchmarks.record import write_result
+
+    settings = {"config": "c.yaml", "from_run": "runs/r{seed}", "num_labeled": 20, "init": "run", "overrides": []}
+    one = write_result(tmp_path / "one.json", {"settings": settings, "cells": {
+        "semivit/seed0": _cell(70.0), "softmatch/seed0": _cell(72.5), "skipped": {"dpt": "not finished"}}},
+        argv=["python -m benchmarks.peers", "--seeds", "0"])
+    two = write_result(tmp_path / "two.json", {"settings": settings, "cells": {
+        "semivit/seed1": _cell(60.0, "b"), "softmatch/seed1": _cell(61.0, "b"), "semivit/seed0": _cell(70.0)}},
+        argv=["python -m benchmarks.peers", "--seeds", "1"])
+    target = tmp_path / "all.json"
+    assert main(["--merge", str(one), str(two), "--results", str(target), "--conditions", "two jobs"]) == 0
+    data = json.loads(target.read_text())
+    assert set(data["results"]["cells"]) == {"semivit/seed0", "softmatch/seed0", "semivit/seed1", "softmatch/seed1"}
+    pair = data["results"]["paired"]["softmatch"]
+    assert pair["diff_vs_semivit_mean"] == pytest.approx((2.5 + 1.0) / 2) and pair["diff_seeds"] == [0, 1]
+    assert data["provenance"]["cells_made_by"] == ["python -m benchmarks.peers --seeds 0",
+                                                   "python -m benchmarks.peers --seeds 1"]
+    assert data["provenance"]["conditions"] == "two jobs" and target.with_suffix(".png").is_file()
+    # another study, a cell that disagrees, or a seed on another split is refused, and the file is kept
+    before = target.read_bytes()
+    other = write_result(tmp_path / "other.json", {"settings": {**settings, "num_labeled": 100}, "cells": {}})
+    clash = write_result(tmp_path / "clash.json", {"settings": settings, "cells": {"semivit/seed0": _cell(71.0)}})
+    moved = write_result(tmp_path / "moved.json", {"settings": settings, "cells": {"fixmatch/seed1": _cell(59.0, "c")}})
+    for bad, words in ((other, "other settings"), (clash, "different top-1"), (moved, "another split")):
+        with pytest.raises(SystemExit, match=words):
+            main(["--merge", str(bad), "--results", str(target)])
+    assert target.read_bytes() == before
