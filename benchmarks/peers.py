@@ -297,7 +297,9 @@ def reused_dpt(a, run: Path, seed: int) -> dict | str:
             "steps": steps, "images_per_step": per_step, "reused": str(folder)}
 
 
-def run_seed(a, split: Path, seed: int, init: str, done: dict, save) -> None:
+def run_seed(a, split: Path, seed: int, init: str, done: dict, skipped: dict, save) -> None:
+    """The cells of ``seed`` into ``done`` (``cell/seedS``: its measures); why a cell was not measured
+    into ``skipped`` (cell: reason)."""
     base = a.out / f"seed{seed}"
     key = lambda cell: f"{cell}/seed{seed}"  # noqa: E731
     vit = base / "vit"
@@ -324,7 +326,7 @@ def run_seed(a, split: Path, seed: int, init: str, done: dict, save) -> None:
             cell = usb_cell(a, split, seed, vit, start, alg)
             if isinstance(cell, str):
                 print(f"{alg} seed {seed}: skipped: {cell}", flush=True)
-                done.setdefault("skipped", {})[alg] = cell
+                skipped[alg] = cell
                 continue
             done[key(alg)] = cell
             save()
@@ -343,7 +345,7 @@ def run_seed(a, split: Path, seed: int, init: str, done: dict, save) -> None:
             "the dpt cell is read from a pipeline run finished to stage 3: give --from-run")
         if isinstance(cell, str):
             print(f"dpt seed {seed}: skipped: {cell}", flush=True)
-            done.setdefault("skipped", {})["dpt"] = cell
+            skipped["dpt"] = cell
         else:
             done[key("dpt")] = cell
             save()
@@ -499,10 +501,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"'{results}' holds cells of other settings ({earlier.get('settings')}); "
                              "pass another --results (and --out) for these")
         done = earlier.get("cells", {})
-    done.pop("skipped", None)
+    done.pop("skipped", None)  # files written before the reasons had a key of their own
+    skipped: dict[str, str] = {}
 
     def save() -> None:
-        write_result(results, {"settings": settings, "cells": done, "paired": paired(done)})
+        write_result(results, {"settings": settings, "cells": done, "paired": paired(done),
+                               **({"skipped": skipped} if skipped else {})})
 
     for seed in a.seeds:
         # a copy beside the runs (the run folder may move), one per seed where the splits differ
@@ -517,15 +521,15 @@ def main(argv=None) -> int:
                 raise SystemExit(f"'{results}' holds cells of seed {seed} made on another split ({other[0]}); "
                                  "pass another --results (and --out) for this run")
         before = set(done)
-        run_seed(a, local_split, seed, inits[seed], done, save)
+        run_seed(a, local_split, seed, inits[seed], done, skipped, save)
         if a.from_run:
-            for k in set(done) - before - {"skipped"}:  # the cells, not the reasons for skipping
+            for k in set(done) - before:
                 done[k]["split_sha256"] = digest
             save()
     save()
     plot(done, results.with_suffix(".png"))
     print(markdown(paired(done)))
-    for alg, why in done.get("skipped", {}).items():
+    for alg, why in skipped.items():
         print(f"{alg}: not measured: {why}")
     print(f"results: {results}")
     return 0
