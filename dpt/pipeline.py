@@ -359,6 +359,13 @@ def preflight(cfg: Config, todo: list[tuple[Stage, str]]) -> None:
             f"diffusion.vae='{cfg.diffusion.vae}' is not a local AutoencoderKL folder (config.json missing); save one "
             "with AutoencoderKL.save_pretrained(DIR) on a machine with internet and point diffusion.vae at DIR"
         )
+    if ("report" in names and cfg.fid.features == "classifier" and not cfg.fid.classifier and not cfg.pipeline.judge
+            and not _given_labels(cfg) and not (layout(cfg).judge / METRICS).is_file()):
+        raise DPTError(
+            "fid.features=classifier needs a judge and pipeline.judge=false trains none: set pipeline.judge=true, "
+            "fid.classifier=DIR, or fid.features=inception with fid.inception_weights=FILE; or stop before the "
+            "report with --until retrain"
+        )
     if "report" in names and cfg.fid.features == "inception":
         from dpt.fid import InceptionFeatures
 

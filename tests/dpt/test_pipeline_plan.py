@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import dpt.pipeline as pipeline
+from dpt.errors import DPTError
 from semivit.config.load import load_config, save_config
 from semivit.errors import ConfigError
 
@@ -135,10 +136,17 @@ def test_interrupted_swap_is_undone(tmp_path, calls):
 
 
 def test_judge_can_be_switched_off(tmp_path, calls):
-    cfg = cfg_for(tmp_path, "pipeline.judge=false")
-    assert "judge" not in names(pipeline.plan(cfg))
+    # without a judge, FID on classifier features has no classifier: said before stage 0, not after stage 3
+    no_judge = cfg_for(tmp_path, "pipeline.judge=false")
+    assert "judge" not in names(pipeline.plan(no_judge))
+    with pytest.raises(DPTError, match="pipeline.judge=false trains none.*--until retrain"):
+        pipeline.run_pipeline(no_judge)
+    assert calls == []
+    pipeline.run_pipeline(no_judge, until="retrain")
+    assert "judge" not in calls and calls[-1] == "retrain"
+    cfg = cfg_for(tmp_path, "pipeline.judge=false", f"fid.classifier={tmp_path / 'judge'}")
     pipeline.run_pipeline(cfg)
-    assert "judge" not in calls and pipeline.plan(cfg) == []
+    assert "judge" not in calls and calls[-1] == "report" and pipeline.plan(cfg) == []
 
 
 def test_another_label_split_keeps_stage0_and_the_judge(tmp_path, calls):
