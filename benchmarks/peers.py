@@ -288,11 +288,17 @@ def reused_dpt(a, run: Path, seed: int) -> dict | str:
                     f"{' '.join(base_overrides(a)) or 'no overrides'}; run `python -m dpt run --config {a.config} "
                     f"seed={seed} output_dir={run}` to its end for the dpt cell")
     folder = run / "stage3"
-    seconds = {stage: stage_seconds(cfg, stage) or 0.0 for stage in DPT_STAGES}
-    wall = sum(seconds.values())
+    seconds = {stage: stage_seconds(cfg, stage) for stage in DPT_STAGES}
+    # a stage run on its own (outside `dpt run`) has no seconds in pipeline.json: named, not counted as 0
+    unrecorded = [stage for stage, sec in seconds.items() if sec is None]
+    if unrecorded:
+        print(f"dpt seed {seed}: wall seconds leave out {', '.join(unrecorded)} (not run by `dpt run`, "
+              "no seconds in pipeline.json)", flush=True)
+    wall = sum(sec for sec in seconds.values() if sec is not None)
     steps = _steps(folder)
     per_step = (1 + cfg.semi.mu) * cfg.semi.batch_size
     return {**_top1(folder), "wall_s": wall, "stage_seconds": seconds,
+            **({"stages_without_seconds": unrecorded} if unrecorded else {}),
             "images_per_s": steps * per_step / seconds["retrain"] if seconds["retrain"] else 0.0,
             "steps": steps, "images_per_step": per_step, "reused": str(folder)}
 

@@ -139,6 +139,16 @@ def test_from_run_reuses_each_seeds_stage_one_and_refuses_other_settings(tmp_pat
     assert dpt["wall_s"] == pytest.approx(sum(state[s]["seconds"] for s in
                                               ("semi", "pseudo-label", "train-diffusion", "generate", "retrain")))
     assert "dpt" in data["paired"] and data["paired"]["dpt"]["diff_seeds"] == [0]
+    assert "stages_without_seconds" not in dpt
+    # a stage whose seconds the pipeline did not record (run on its own) is named, not counted as 0 s
+    del state["generate"]["seconds"]
+    (run / "pipeline.json").write_text(json.dumps(state))
+    partial = _run(tmp_path / "out4", "--cells", "dpt", "--from-run", str(tmp_path / "run_seed{seed}"))
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "wall seconds leave out generate" in partial.stdout
+    dpt4 = json.loads((tmp_path / "out4" / "r.json").read_text())["results"]["cells"]["dpt/seed0"]
+    assert dpt4["stages_without_seconds"] == ["generate"] and dpt4["stage_seconds"]["generate"] is None
+    assert dpt4["wall_s"] == pytest.approx(dpt["wall_s"] - dpt["stage_seconds"]["generate"])
     assert not (tmp_path / "out" / "seed0" / "vit" / "stage1" / "finetune").exists()  # not fine-tuned again
     # other settings than the run's: refused, nothing measured
     other = _run(tmp_path / "out2", "--cells", "semivit", "--from-run", str(tmp_path / "run_seed{seed}"), "semi.tau=0.9")
