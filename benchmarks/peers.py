@@ -457,8 +457,10 @@ def merge(a) -> int:
             seed = key.split("/seed")[1]
             other = next((v for k, v in done.items() if k.endswith(f"/seed{seed}")), None)
             if other is not None and other.get("split_sha256") != cell.get("split_sha256"):
-                raise SystemExit(f"--merge: '{source}' has {key} on another split than the cells of seed {seed} "
-                                 "already merged; these are not the same study")
+                why = ("another split than" if other.get("split_sha256") and cell.get("split_sha256") else
+                       "no split digest to compare with")
+                raise SystemExit(f"--merge: '{source}' has {key} on {why} the cells of seed {seed} already merged; "
+                                 "these are not the same study (or a file of a run still in progress)")
             if key in done and done[key]["top1"] != cell["top1"]:
                 raise SystemExit(f"--merge: {key} is in two files with different top-1 ({done[key]['top1']} and "
                                  f"{cell['top1']} in '{source}'); keep one of the runs")
@@ -527,11 +529,14 @@ def main(argv=None) -> int:
                 raise SystemExit(f"'{results}' holds cells of seed {seed} made on another split ({other[0]}); "
                                  "pass another --results (and --out) for this run")
         before = set(done)
-        run_seed(a, local_split, seed, inits[seed], done, skipped, save)
-        if a.from_run:
-            for k in set(done) - before:
-                done[k]["split_sha256"] = digest
+
+        def save_seed() -> None:  # with --from-run each new cell records its seed's split as it is saved
+            if a.from_run:
+                for k in set(done) - before:
+                    done[k].setdefault("split_sha256", digest)
             save()
+
+        run_seed(a, local_split, seed, inits[seed], done, skipped, save_seed)
     save()
     plot(done, results.with_suffix(".png"))
     print(markdown(paired(done)))
