@@ -101,6 +101,10 @@ def parse(argv=None):
     a.out = Path(a.out or run_dir(MODULE))
     if a.merge and not a.results:
         p.error("--merge needs --results: the file the cells go into (it may already hold some)")
+    if a.merge and (a.from_run or a.run or a.split or a.small or a.overrides):
+        p.error("--merge trains nothing: give it results files and --results only (the settings are in the files)")
+    if a.conditions and not a.merge:
+        p.error("--conditions goes with --merge (a run records its own machine and threads)")
     if a.from_run and (a.run or a.split):
         p.error("--from-run takes each seed's split from its run: leave out --run and --split")
     if a.from_run and len(a.seeds) > 1 and "{seed}" not in a.from_run:
@@ -434,21 +438,28 @@ def _cells(results: dict) -> dict:
     return {k: v for k, v in results.get("cells", {}).items() if k != "skipped"}
 
 
+def _read_results(path: Path) -> dict:
+    """A results file this script wrote (provenance + settings + cells), or a one-line error naming it."""
+    if not path.is_file():
+        raise SystemExit(f"--merge: '{path}' not found")
+    data = read_json(path)
+    if not (isinstance(data, dict) and isinstance(data.get("results"), dict) and "settings" in data["results"]):
+        raise SystemExit(f"--merge: '{path}' is not a results file of benchmarks.peers")
+    return data
+
+
 def merge(a) -> int:
     """--merge: the cells of several results files of one study in one file (see the module's text)."""
     target = Path(a.results)
     settings, done, made_by, conditions = None, {}, [], a.conditions
     if target.is_file():
-        data = read_json(target)
+        data = _read_results(target)
         settings, done = data["results"]["settings"], _cells(data["results"])
-        made_by = list(data["provenance"].get("cells_made_by") or [data["provenance"]["command"]])
-        conditions = conditions or data["provenance"].get("conditions")
+        prov = data.get("provenance", {})
+        made_by = list(prov.get("cells_made_by") or [prov.get("command", str(target))])
+        conditions = conditions or prov.get("conditions")
     for source in map(Path, a.merge):
-        if not source.is_file():
-            raise SystemExit(f"--merge: '{source}' not found")
-        data = read_json(source)
-        if not (isinstance(data, dict) and "results" in data and "settings" in data["results"]):
-            raise SystemExit(f"--merge: '{source}' is not a results file of benchmarks.peers")
+        data = _read_results(source)
         settings = settings if settings is not None else data["results"]["settings"]
         if data["results"]["settings"] != settings:
             raise SystemExit(f"--merge: '{source}' holds cells of other settings ({data['results']['settings']}) "

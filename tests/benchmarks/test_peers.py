@@ -197,3 +197,21 @@ def test_merge_joins_cells_made_side_by_side_and_refuses_another_study(tmp_path)
         with pytest.raises(SystemExit, match=words):
             main(["--merge", str(bad), "--results", str(target)])
     assert target.read_bytes() == before
+
+
+def test_merge_refuses_what_it_cannot_merge(tmp_path, capsys):
+    from benchmarks.peers import main
+
+    not_results = tmp_path / "notes.json"
+    not_results.write_text('{"cells": {}}')
+    with pytest.raises(SystemExit, match="notes.json' is not a results file"):
+        main(["--merge", str(not_results), "--results", str(tmp_path / "all.json")])
+    with pytest.raises(SystemExit, match="missing.json' not found"):
+        main(["--merge", str(tmp_path / "missing.json"), "--results", str(tmp_path / "all.json")])
+    for argv, words in ((["--merge", "a.json"], "--merge needs --results"),
+                        (["--merge", "a.json", "--results", "b.json", "--from-run", "r{seed}"], "--merge trains nothing"),
+                        (["--conditions", "two jobs"], "--conditions goes with --merge")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "all.json").exists()
