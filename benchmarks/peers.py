@@ -541,7 +541,8 @@ def main(argv=None) -> int:
                                  "pass another --results (and --out) for this run")
         before = set(done)
 
-        def save_seed() -> None:  # with --from-run each new cell records its seed's split as it is saved
+        def save_seed(before: set = before, digest: str = digest) -> None:
+            # with --from-run each new cell records its seed's split as it is saved
             if a.from_run:
                 for k in set(done) - before:
                     done[k].setdefault("split_sha256", digest)

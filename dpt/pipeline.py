@@ -343,6 +343,20 @@ def _peak_memory() -> dict:
     return out
 
 
+def _judge_planned(cfg: Config, names: set[str]) -> bool:
+    """Whether the report will have a judge classifier, counting the ones this plan's stages make
+    (the report chooses it with dpt.report.judge_classifier)."""
+    from dpt.report import judge_classifier
+
+    paths = layout(cfg)
+    made = {paths.judge: "judge" in names, paths.semi: "semi" in names}
+
+    def ready(folder: Path) -> bool:
+        return made.get(folder, False) or (folder / METRICS).is_file()  # a finished stage's marker
+
+    return bool(judge_classifier(cfg, ready))
+
+
 def preflight(cfg: Config, todo: list[tuple[Stage, str]]) -> None:
     """Check every file the stages to run will need before the first one starts, so a missing
     VAE or Inception file is reported in seconds, not after hours of training."""
@@ -359,8 +373,7 @@ def preflight(cfg: Config, todo: list[tuple[Stage, str]]) -> None:
             f"diffusion.vae='{cfg.diffusion.vae}' is not a local AutoencoderKL folder (config.json missing); save one "
             "with AutoencoderKL.save_pretrained(DIR) on a machine with internet and point diffusion.vae at DIR"
         )
-    if ("report" in names and cfg.fid.features == "classifier" and not cfg.fid.classifier and not cfg.pipeline.judge
-            and not _given_labels(cfg) and not (layout(cfg).judge / METRICS).is_file()):
+    if "report" in names and cfg.fid.features == "classifier" and not _judge_planned(cfg, names):
         raise DPTError(
             "fid.features=classifier needs a judge and pipeline.judge=false trains none: set pipeline.judge=true, "
             "fid.classifier=DIR, or fid.features=inception with fid.inception_weights=FILE; or stop before the "

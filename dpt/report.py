@@ -84,7 +84,6 @@ def run_report(cfg: Config) -> dict:
 
     run, paths = cfg.run_dir, layout(cfg)
     synthetic = Path(cfg.retrain.synthetic) if cfg.retrain.synthetic else paths.synthetic
-    judge = paths.judge
     summary: dict = {}
     for key, _, rel in ROWS:
         summary[key] = _top1(_metrics(run, rel))
@@ -100,11 +99,7 @@ def run_report(cfg: Config) -> dict:
     given = uses_given_labels(cfg.data)
     unavailable = not_available(summary, given)
 
-    # the judge: fid.classifier if set, else this run's ceiling model (pipeline.judge); your own data
-    # has no ceiling model, so the stage-1 Semi-ViT model (it saw no hidden label) judges instead
-    classifier = cfg.fid.classifier or (str(judge) if (judge / META).is_file() else "")
-    if not classifier and given and (paths.semi / META).is_file():
-        classifier = str(paths.semi)
+    classifier = judge_classifier(cfg)
     summary["synthetic_class_acc_judge"] = _judge_name(cfg, classifier, paths)
     fid_cfg = copy.deepcopy(cfg)
     # FID against the real images the run has: the held-out ones, else (your own data without val/)
@@ -204,6 +199,22 @@ def not_available(summary: dict, given: bool) -> dict:
             out.setdefault(key, NO_HELD_OUT)
             summary[key] = None
     return out
+
+
+def judge_classifier(cfg: Config, ready=lambda folder: (folder / META).is_file()) -> str:
+    """The classifier that judges the synthetic images (their class accuracy, classifier-feature FID):
+    ``fid.classifier`` if set, else this run's ceiling model (pipeline.judge); your own data has no
+    ceiling model, so the stage-1 Semi-ViT model (it saw no hidden label) judges instead. ``ready``
+    says whether a classifier folder is there (the pipeline's preflight also counts the ones its
+    planned stages will make). "" when there is none."""
+    paths = layout(cfg)
+    if cfg.fid.classifier:
+        return cfg.fid.classifier
+    if ready(paths.judge):
+        return str(paths.judge)
+    if uses_given_labels(cfg.data) and ready(paths.semi):
+        return str(paths.semi)
+    return ""
 
 
 def _judge_name(cfg: Config, classifier: str, paths) -> str | None:
