@@ -15,6 +15,10 @@ For each seed, every cell uses the labeled split of the given run (``RUN/label_s
     resnet18, convnext
                  the same two stages (fine-tuning, then Semi-ViT's semi stage, same steps) with a
                  ResNet-18 / ConvNeXt-atto from scratch (small-image stem, model.stem=auto)
+    semivit:NAME Semi-ViT with settings of its own (``--variant NAME:semi.KEY=VALUE,...``, e.g.
+                 ``--variant tau95:semi.dist_align=uniform,semi.tau=0.95``): the semi stage from the
+                 same fine-tuned model with those settings after the config's, one cell per variant,
+                 paired against Semi-ViT like the others (what a threshold or a loss weight does)
     dpt          DPT: the pipeline's stage 3 (Semi-ViT again on real + synthetic images), read from
                  the --from-run run where its stages 2-3 finished with these settings (skipped with
                  a message otherwise); its wall seconds are those of stages 1b-3
@@ -62,6 +66,7 @@ from pathlib import Path
 
 from benchmarks.record import ROOT, provenance, result_dir, run_dir, write_result
 from semivit.config.load import load_config
+from semivit.errors import ConfigError
 from semivit.files import atomic_write_json, pyplot, read_json
 from semivit.runtime.layout import HISTORY, LABEL_SPLIT, METRICS
 
@@ -87,6 +92,8 @@ def parse(argv=None):
     p.add_argument("--init", default="run", help="run (the run's stage-0 MAE encoder), none (from scratch) or a path")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--cells", nargs="+", default=list(ALL_CELLS), choices=ALL_CELLS)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:semi.KEY=VALUE[,...]",
+                   help="also a cell 'semivit:NAME': Semi-ViT with these semi settings (repeatable)")
     p.add_argument("--usb-python", default=sys.executable, help="a Python with semilearn (and this project's deps)")
     p.add_argument("--out", default=None, help="folder of the runs (default runs/bench/peers)")
     p.add_argument("--results", default=None, help="JSON of the cells (default benchmarks/results/peers/)")
@@ -105,6 +112,21 @@ def parse(argv=None):
         p.error("--merge trains nothing: give it results files and --results only (the settings are in the files)")
     if a.conditions and not a.merge:
         p.error("--conditions goes with --merge (a run records its own machine and threads)")
+    a.variants = {}
+    for v in a.variant:
+        name, _, settings = v.partition(":")
+        pairs = [x.strip() for x in settings.split(",") if x.strip()]
+        if not name.replace("-", "").replace("_", "").isalnum() or not pairs:
+            p.error(f"--variant '{v}': write NAME:semi.KEY=VALUE[,semi.KEY=VALUE...] (NAME of letters, digits, - or _)")
+        bad = [x for x in pairs if not x.startswith("semi.") or "=" not in x]
+        if bad:
+            p.error(f"--variant '{v}': '{bad[0]}' is not a semi.KEY=VALUE setting; a variant changes the semi stage "
+                    "only (it starts from the same fine-tuned model as every cell)")
+        if name in a.variants:
+            p.error(f"--variant: the name '{name}' is given twice")
+        a.variants[name] = pairs
+    if a.merge and a.variants:
+        p.error("--merge trains nothing: leave out --variant (the variant cells are in the files)")
     if a.from_run and (a.run or a.split):
         p.error("--from-run takes each seed's split from its run: leave out --run and --split")
     if a.from_run and len(a.seeds) > 1 and "{seed}" not in a.from_run:
@@ -321,7 +343,7 @@ def run_seed(a, split: Path, seed: int, init: str, done: dict, skipped: dict, sa
                 done[key(cell)] = value
         start = run / "stage1" / "finetune"
         save()
-    needs_start = any(c in a.cells for c in ("finetune", "semivit", "semivit-da", *USB_CELLS))
+    needs_start = bool(a.variants) or any(c in a.cells for c in ("finetune", "semivit", "semivit-da", *USB_CELLS))
     if needs_start and (key("finetune") not in done or not (start / METRICS).is_file()):
         done[key("finetune")], start = own_finetune(a, split, seed, vit, init)
         save()
@@ -331,6 +353,11 @@ def run_seed(a, split: Path, seed: int, init: str, done: dict, skipped: dict, sa
     if "semivit-da" in a.cells and key("semivit-da") not in done:
         done[key("semivit-da")] = own_semi(a, split, seed, vit, start, vit / "semivit-da", "semi.dist_align=uniform")
         save()
+    for name, settings in a.variants.items():
+        if key(f"semivit:{name}") not in done:
+            cell = own_semi(a, split, seed, vit, start, vit / f"semivit-{name}", *settings)
+            done[key(f"semivit:{name}")] = {**cell, "settings": settings}
+            save()
     for alg in USB_CELLS:
         if alg in a.cells and key(alg) not in done:
             cell = usb_cell(a, split, seed, vit, start, alg)
@@ -375,12 +402,17 @@ def cells_by_name(done: dict) -> dict[str, dict[int, dict]]:
     return out
 
 
+def cell_order(cells) -> list[str]:
+    """The cells in table order: the fixed ones, then the Semi-ViT variants by name."""
+    return [c for c in ALL_CELLS if c in cells] + sorted(c for c in cells if c not in ALL_CELLS)
+
+
 def paired(done: dict) -> dict:
     """Per cell: mean, sd of top-1 over seeds and the paired difference against Semi-ViT."""
     cells = cells_by_name(done)
     ref = cells.get(REFERENCE, {})
     table = {}
-    for cell in [c for c in ALL_CELLS if c in cells]:
+    for cell in cell_order(cells):
         runs = cells[cell]
         tops = [runs[s]["top1"] for s in sorted(runs)]
         row = {"seeds": sorted(runs), "top1_mean": statistics.fmean(tops),
@@ -414,7 +446,7 @@ def markdown(table: dict) -> str:
 def plot(done: dict, path: Path) -> None:
     plt = pyplot()
     cells = cells_by_name(done)
-    names = [c for c in ALL_CELLS if c in cells]
+    names = cell_order(cells)
     fig, ax = plt.subplots(figsize=(1.1 * max(4, len(names)) + 1, 3.6))
     every = []
     for i, cell in enumerate(names):
@@ -492,6 +524,11 @@ def main(argv=None) -> int:
     a = parse(argv)
     if a.merge:
         return merge(a)
+    for name, settings in a.variants.items():  # a misspelt setting stops here, not after hours of other cells
+        try:
+            load_config(a.config, [*base_overrides(a), *settings])
+        except ConfigError as e:
+            raise SystemExit(f"--variant {name}: {e}") from None
     a.out.mkdir(parents=True, exist_ok=True)
     if a.from_run:  # each seed: its run's split and encoder
         splits = {seed: seed_run(a, seed) / LABEL_SPLIT for seed in a.seeds}

@@ -20,6 +20,7 @@ from semivit.models.classifier import create_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = ["finetune", "semivit", "semivit-da", "fixmatch", "convnext"]
+VARIANT = ["--variant", "tau9:semi.tau=0.9,semi.dist_align=uniform"]
 
 
 def _run(out: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
@@ -31,26 +32,31 @@ def _run(out: Path, *args: str, python: str = sys.executable) -> subprocess.Comp
 def test_small_run_without_usb_writes_cells_pairs_and_resumes(tmp_path):
     if importlib.util.find_spec("semilearn") is not None:
         pytest.skip("semilearn is installed in this Python: the USB cells would run, not be skipped")
-    proc = _run(tmp_path, "--cells", *CELLS)
+    proc = _run(tmp_path, "--cells", *CELLS, *VARIANT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fixmatch: not measured: USB cell skipped: the semilearn package is not installed" in proc.stdout
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["provenance"]["command"].startswith("python -m benchmarks.peers --small")
     cells = data["results"]["cells"]
     assert "semilearn package is not installed" in data["results"]["skipped"]["fixmatch"]
-    assert set(cells) == {"finetune/seed0", "semivit/seed0", "semivit-da/seed0", "convnext/seed0"}
-    for key in ("semivit/seed0", "semivit-da/seed0", "convnext/seed0"):
+    assert set(cells) == {"finetune/seed0", "semivit/seed0", "semivit-da/seed0", "convnext/seed0", "semivit:tau9/seed0"}
+    for key in ("semivit/seed0", "semivit-da/seed0", "convnext/seed0", "semivit:tau9/seed0"):
         c = cells[key]
         assert c["steps"] == 2 and c["images_per_step"] == 8 * (1 + 2)  # tiny: semi.batch_size 8, mu 2
         assert 0 <= c["top1"] <= 100 and c["wall_s"] > 0 and c["images_per_s"] > 0
     assert cells["convnext/seed0"]["model"] == "convnext_atto"
+    # a variant: the semi stage with its own settings, from the same fine-tuned model, paired like the rest
+    semi_cfg = (tmp_path / "seed0" / "vit" / "semivit-tau9" / "config.yaml").read_text()
+    assert "tau: 0.9" in semi_cfg and "dist_align: uniform" in semi_cfg
+    assert cells["semivit:tau9/seed0"]["settings"] == ["semi.tau=0.9", "semi.dist_align=uniform"]
+    assert list(data["results"]["paired"])[-1] == "semivit:tau9"
     pairs = data["results"]["paired"]
     assert pairs["semivit-da"]["diff_vs_semivit_mean"] == pytest.approx(
         cells["semivit-da/seed0"]["top1"] - cells["semivit/seed0"]["top1"])
     assert (tmp_path / "r.png").stat().st_size > 1000
     assert (tmp_path / "label_split.csv").is_file()
     # a second run reads every cell back instead of training again
-    again = _run(tmp_path, "--cells", *CELLS)
+    again = _run(tmp_path, "--cells", *CELLS, *VARIANT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "r.json").read_text())["results"]["cells"] == cells
 
@@ -210,8 +216,13 @@ def test_merge_refuses_what_it_cannot_merge(tmp_path, capsys):
         main(["--merge", str(tmp_path / "missing.json"), "--results", str(tmp_path / "all.json")])
     for argv, words in ((["--merge", "a.json"], "--merge needs --results"),
                         (["--merge", "a.json", "--results", "b.json", "--from-run", "r{seed}"], "--merge trains nothing"),
-                        (["--conditions", "two jobs"], "--conditions goes with --merge")):
+                        (["--conditions", "two jobs"], "--conditions goes with --merge"),
+                        (["--variant", "x:data.max_train=3"], "'data.max_train=3' is not a semi.KEY=VALUE setting"),
+                        (["--variant", "x"], "write NAME:semi.KEY=VALUE"),
+                        (["--variant", "x:semi.tau=1", "--variant", "x:semi.tau=0"], "'x' is given twice")):
         with pytest.raises(SystemExit):
             main(argv)
         assert words in capsys.readouterr().err
-    assert not (tmp_path / "all.json").exists()
+    with pytest.raises(SystemExit, match="--variant x: unknown setting 'semi.tauu'"):  # before any cell trains
+        main(["--small", "--out", str(tmp_path / "v"), "--variant", "x:semi.tauu=0.9"])
+    assert not (tmp_path / "all.json").exists() and not (tmp_path / "v").exists()
