@@ -44,7 +44,9 @@ with --config and the same settings): its split, its stage-0 MAE encoder (--init
 models are that seed's split, init, ``finetune`` cell and Semi-ViT cell (``semivit`` or ``semivit-da``,
 whichever ``semi.dist_align`` the config sets; the other is trained). Nothing is trained twice, and
 the reference is the pipeline's own Semi-ViT. A run whose stage 1 was made with other settings is an
-error, not a silent mismatch. A run finished to its end also gives the ``dpt`` cell.
+error, not a silent mismatch. A run finished to its end also gives the ``dpt`` cell. With --init none
+(or a weights file) only each run's split is taken: every cell, fine-tuning and Semi-ViT included, is
+trained from that start (the from-scratch column on the same splits).
 
 USB cells run in a child process of ``--usb-python`` (default: this Python); where that Python has
 no ``semilearn``, they are skipped with a message and the other cells still run.
@@ -336,7 +338,7 @@ def run_seed(a, split: Path, seed: int, init: str, done: dict, skipped: dict, sa
     key = lambda cell: f"{cell}/seed{seed}"  # noqa: E731
     vit = base / "vit"
     start = vit / "stage1" / "finetune"
-    if a.from_run:
+    if a.from_run and a.init == "run":  # another --init: only the run's split, the models are trained
         run = seed_run(a, seed)
         for cell, value in reused_cells(a, run, seed).items():
             if (cell in a.cells or cell == "finetune") and key(cell) not in done:
@@ -378,8 +380,9 @@ def run_seed(a, split: Path, seed: int, init: str, done: dict, skipped: dict, sa
             done[key(cell)] = semi
             save()
     if "dpt" in a.cells and key("dpt") not in done:
-        cell = reused_dpt(a, seed_run(a, seed), seed) if a.from_run else (
-            "the dpt cell is read from a pipeline run finished to stage 3: give --from-run")
+        cell = reused_dpt(a, seed_run(a, seed), seed) if a.from_run and a.init == "run" else (
+            "the dpt cell is read from a pipeline run finished to stage 3 (its MAE start): give --from-run "
+            "and no --init")
         if isinstance(cell, str):
             print(f"dpt seed {seed}: skipped: {cell}", flush=True)
             skipped["dpt"] = cell

@@ -156,6 +156,16 @@ def test_from_run_reuses_each_seeds_stage_one_and_refuses_other_settings(tmp_pat
     assert dpt4["stages_without_seconds"] == ["generate"] and dpt4["stage_seconds"]["generate"] is None
     assert dpt4["wall_s"] == pytest.approx(dpt["wall_s"] - dpt["stage_seconds"]["generate"])
     assert not (tmp_path / "out" / "seed0" / "vit" / "stage1" / "finetune").exists()  # not fine-tuned again
+    # --init none: the run gives its split only; fine-tuning and Semi-ViT are trained from scratch
+    scratch = _run(tmp_path / "out5", "--cells", "finetune", "semivit", "dpt", "--init", "none",
+                   "--from-run", str(tmp_path / "run_seed{seed}"))
+    assert scratch.returncode == 0, scratch.stderr[-3000:]
+    res5 = json.loads((tmp_path / "out5" / "r.json").read_text())["results"]
+    assert res5["settings"]["init"] == "none" and "dpt: not measured" in scratch.stdout
+    assert not any("reused" in c for c in res5["cells"].values())
+    ft_cfg = (tmp_path / "out5" / "seed0" / "vit" / "stage1" / "finetune" / "config.yaml").read_text()
+    assert "init: none" in ft_cfg
+    assert res5["cells"]["semivit/seed0"]["split_sha256"] == cells["semivit/seed0"]["split_sha256"]
     # other settings than the run's: refused, nothing measured
     other = _run(tmp_path / "out2", "--cells", "semivit", "--from-run", str(tmp_path / "run_seed{seed}"), "semi.tau=0.9")
     assert other.returncode != 0 and "not a finished semi stage" in other.stderr
