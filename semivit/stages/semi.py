@@ -41,6 +41,7 @@ from semivit.stages.ssl import (
     prob_pseudo_mixup,
     smooth_one_hot,
     teacher_pseudo_labels,
+    threshold_above_smoothing,
     unlabeled_loss,
 )
 
@@ -140,6 +141,9 @@ def run_semi(
     trainer.track(ema=ema, **({"align": align} if align is not None else {}))
     trainer.resume()
 
+    too_high = threshold_above_smoothing(sc.tau, sc.label_smoothing, K)
+    if too_high:
+        logger.warning(too_high)
     mixup = make_mixup(sc.mixup, sc.cutmix, sc.label_smoothing, K)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=sc.label_smoothing)
     lab_iters = [cycle(ld) for ld in lab_loaders]

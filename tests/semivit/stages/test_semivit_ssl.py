@@ -11,6 +11,7 @@ from semivit.stages.ssl import (
     prob_pseudo_mixup,
     smooth_one_hot,
     teacher_pseudo_labels,
+    threshold_above_smoothing,
     unlabeled_loss,
 )
 
@@ -218,3 +219,18 @@ def test_distribution_alignment_state_target_and_eval():
         DistributionAlignment(3, target=torch.zeros(3))
     with pytest.raises(ValueError, match="dist_align_momentum"):
         DistributionAlignment(3, momentum=1.0)
+
+
+def test_threshold_above_what_smoothed_targets_reach_is_named():
+    # targets smoothed by 0.1 over 10 classes put 0.91 on the true class: a model tends to that
+    # confidence, so tau 0.95 keeps the mask empty; tau 0.7, or no smoothing, is fine
+    logits = torch.log(smooth_one_hot(torch.tensor([0, 3]), 10, 0.1))
+    conf, _, mask = teacher_pseudo_labels(logits, tau=0.95)
+    assert conf.max().item() == pytest.approx(0.91) and not mask.any()
+    why = threshold_above_smoothing(0.95, 0.1, 10)
+    assert why is not None and "0.910" in why and "semi.label_smoothing=0" in why
+    assert threshold_above_smoothing(0.7, 0.1, 10) is None
+    assert threshold_above_smoothing(0.95, 0.0, 10) is None
+    assert threshold_above_smoothing(0.95, 0.05, 10) is None  # ceiling 0.955
+    assert threshold_above_smoothing(0.9, 0.1, 1000) is None  # ceiling 0.9001
+    assert threshold_above_smoothing(0.95, 0.1, 1000) is not None
