@@ -93,7 +93,8 @@ def parse(argv=None):
                    "(e.g. 'runs/mnist5k_seed{seed}'): its split, encoder and stage-1 models (see above)")
     p.add_argument("--init", default="run", help="run (the run's stage-0 MAE encoder), none (from scratch) or a path")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--cells", nargs="+", default=list(ALL_CELLS), choices=ALL_CELLS)
+    p.add_argument("--cells", nargs="+", default=None, choices=ALL_CELLS,
+                   help="default: every cell, or with --variant only the variants (and their fine-tuned start)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:semi.KEY=VALUE[,...]",
                    help="also a cell 'semivit:NAME': Semi-ViT with these semi settings (repeatable)")
     p.add_argument("--usb-python", default=sys.executable, help="a Python with semilearn (and this project's deps)")
@@ -127,6 +128,8 @@ def parse(argv=None):
         if name in a.variants:
             p.error(f"--variant: the name '{name}' is given twice")
         a.variants[name] = pairs
+    if a.cells is None:
+        a.cells = ["finetune"] if a.variants else list(ALL_CELLS)
     if a.merge and a.variants:
         p.error("--merge trains nothing: leave out --variant (the variant cells are in the files)")
     if a.from_run and (a.run or a.split):

@@ -142,7 +142,7 @@ def run_semi(
     trainer.resume()
 
     too_high = threshold_above_smoothing(sc.tau, sc.label_smoothing, K)
-    if too_high:
+    if too_high and trainer.accelerator.is_main_process:  # once per run, not once per rank
         logger.warning(too_high)
     mixup = make_mixup(sc.mixup, sc.cutmix, sc.label_smoothing, K)
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=sc.label_smoothing)

@@ -236,3 +236,11 @@ def test_merge_refuses_what_it_cannot_merge(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--variant x: unknown setting 'semi.tauu'"):  # before any cell trains
         main(["--small", "--out", str(tmp_path / "v"), "--variant", "x:semi.tauu=0.9"])
     assert not (tmp_path / "all.json").exists() and not (tmp_path / "v").exists()
+
+
+def test_variant_alone_trains_only_the_variants_and_their_start():
+    from benchmarks.peers import ALL_CELLS, parse
+
+    assert parse([]).cells == list(ALL_CELLS)
+    assert parse(["--variant", "t:semi.tau=0.9"]).cells == ["finetune"]  # not every peer beside it
+    assert parse(["--variant", "t:semi.tau=0.9", "--cells", "semivit"]).cells == ["semivit"]
