@@ -29,12 +29,24 @@ def pyplot():
     return plt
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file under the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # read once: changing the umask is process-wide
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+    The file gets the usual mode (0644 under umask 022), not mkstemp's owner-only 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -78,6 +78,10 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("interrupted")
     assert read_json(target) == {"top1": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    # readable by whoever may read the user's other files (mkstemp alone makes it owner-only 0600)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_weights_round_trip_and_unsafe_pickle_refused(tmp_path):
