@@ -46,7 +46,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
+    if hasattr(os, "fchmod"):  # POSIX (Windows has it from Python 3.13 only; its files carry no such mode)
+        os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp = Path(tmp)
     try:
