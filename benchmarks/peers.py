@@ -104,7 +104,8 @@ def parse(argv=None):
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="put the cells of these results files (same settings) into --results, then report; trains nothing")
     p.add_argument("--conditions", default=None,
-                   help="with --merge: how the cells ran (threads, jobs side by side), kept in the provenance")
+                   help="with --merge: how the cells ran (threads, jobs side by side), added to the provenance after "
+                        "the conditions of earlier merges")
     p.add_argument("overrides", nargs="*", help="key=value settings for every cell")
     a = p.parse_args(argv)
     a.config = a.config or str(ROOT / "configs" / ("tiny.yaml" if a.small else "mnist5k.yaml"))
@@ -486,6 +487,13 @@ def _read_results(path: Path) -> dict:
     return data
 
 
+def _add_conditions(before: str | None, new: str | None) -> str | None:
+    """The conditions of earlier merges with this merge's own after them: a merge adds, it never erases."""
+    if not new or (before and new in before.split("; ")):
+        return before or new
+    return f"{before}; {new}" if before else new
+
+
 def merge(a) -> int:
     """--merge: the cells of several results files of one study in one file (see the module's text)."""
     target = Path(a.results)
@@ -495,7 +503,7 @@ def merge(a) -> int:
         settings, done = data["results"]["settings"], _cells(data["results"])
         prov = data.get("provenance", {})
         made_by = list(prov.get("cells_made_by") or [prov.get("command", str(target))])
-        conditions = conditions or prov.get("conditions")
+        conditions = _add_conditions(prov.get("conditions"), conditions)
     for source in map(Path, a.merge):
         data = _read_results(source)
         settings = settings if settings is not None else data["results"]["settings"]

@@ -213,6 +213,12 @@ def test_merge_joins_cells_made_side_by_side_and_refuses_another_study(tmp_path)
         with pytest.raises(SystemExit, match=words):
             main(["--merge", str(bad), "--results", str(target)])
     assert target.read_bytes() == before
+    # a later merge adds its conditions after the earlier ones (and does not repeat them)
+    late = write_result(tmp_path / "late.json", {"settings": settings, "cells": {"fixmatch/seed1": _cell(62.0, "b")}})
+    assert main(["--merge", str(late), "--results", str(target), "--conditions", "alone, two threads"]) == 0
+    assert json.loads(target.read_text())["provenance"]["conditions"] == "two jobs; alone, two threads"
+    assert main(["--merge", str(late), "--results", str(target), "--conditions", "two jobs"]) == 0
+    assert json.loads(target.read_text())["provenance"]["conditions"] == "two jobs; alone, two threads"
 
 
 def test_merge_refuses_what_it_cannot_merge(tmp_path, capsys):
